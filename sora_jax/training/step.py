@@ -1,0 +1,110 @@
+"""The DiT training and evaluation steps: pure functions of (state, batch, rng), jitted by the loop.
+
+Batches hold latents (the autoencoder's output; pixels for the identity autoencoder) and text:
+  latent: float32 [B, T, H, W, C]
+  text: float32 [B, L, D] frozen text-encoder tokens; text_mask: bool [B, L]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from sora_jax.diffusion.flow import RectifiedFlow
+from sora_jax.training.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def _forward(model: nn.Module, params, batch: Batch, x_t, t, drop_text):
+    return model.apply({"params": params}, x_t, t, batch["text"], batch["text_mask"], drop_text)
+
+
+def flow_loss(model: nn.Module, flow: RectifiedFlow, params, batch: Batch, rng: jax.Array, *,
+              caption_dropout: float, temporal_patch: int) -> jax.Array:
+    """Mean velocity-space loss over the batch at randomly drawn times and captions dropped."""
+    x0 = batch["latent"]
+    batch_size, frames = x0.shape[:2]
+    rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
+    # One time per clip, shared by its frames; conditioning on given frames sets some to zero.
+    t = jnp.repeat(flow.sample_time(rng_t, batch_size)[:, None], frames // temporal_patch, axis=1)
+    noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
+    drop_text = jax.random.bernoulli(rng_drop, caption_dropout, (batch_size,))
+    prediction = _forward(model, params, batch, flow.interpolate(x0, noise, t), t, drop_text)
+    return jnp.mean(flow.loss(prediction, x0, noise, t))
+
+
+def make_train_step(model: nn.Module, flow: RectifiedFlow, *, schedule: optax.Schedule,
+                    caption_dropout: float, temporal_patch: int, grad_accum_steps: int = 1,
+                    group: str = "dit") -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+    """Returns train_step(state, batch, rng) -> (state, metrics).
+
+    With grad_accum_steps = k the batch is split into k microbatches whose gradients are averaged
+    in a scan before one optimizer update, so memory scales with the microbatch.
+    """
+
+    def loss_fn(params, batch, rng):
+        return flow_loss(model, flow, params, batch, rng, caption_dropout=caption_dropout,
+                         temporal_patch=temporal_patch)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        g = state.groups[group]
+        if grad_accum_steps == 1:
+            loss, grads = grad_fn(g.params, batch, rng)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
+                batch)
+
+            def accumulate(carry, inputs):
+                i, mb = inputs
+                loss, grads = grad_fn(g.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, g.params))
+            (loss, grads), _ = jax.lax.scan(
+                accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+            loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+        }
+        groups = {**state.groups, group: g.apply_gradients(grads)}
+        return state.replace(step=state.step + 1, groups=groups), metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, flow: RectifiedFlow, *, time_bins: tuple[float, ...],
+                   temporal_patch: int, group: str = "dit") -> Callable[[TrainState, Batch, jax.Array], jax.Array]:
+    """Returns eval_step(state, batch, rng) -> loss per time bin [len(time_bins)], EMA weights.
+
+    The loss depends strongly on t, so a fixed set of times (and a fixed rng) makes validation
+    losses comparable across steps and runs.
+    """
+    bins = jnp.asarray(time_bins, jnp.float32)
+
+    def eval_step(state: TrainState, batch: Batch, rng: jax.Array) -> jax.Array:
+        params = state.groups[group].inference_params
+        x0 = batch["latent"]
+        batch_size, frames = x0.shape[:2]
+        noise = jax.random.normal(rng, x0.shape, x0.dtype)
+        no_drop = jnp.zeros((batch_size,), bool)
+
+        def loss_at(t_value):
+            t = jnp.full((batch_size, frames // temporal_patch), t_value)
+            prediction = _forward(model, params, batch, flow.interpolate(x0, noise, t), t, no_drop)
+            return jnp.mean(flow.loss(prediction, x0, noise, t))
+
+        return jax.lax.map(loss_at, bins)
+
+    return eval_step
