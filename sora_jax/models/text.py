@@ -20,6 +20,7 @@ import importlib.util
 import json
 import operator
 import pathlib
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -390,7 +391,10 @@ class MiniLMEncoder(TextEncoder):
             logging.warning(
                 "Truncating %d of %d prompts to max_length=%d tokens (e.g. %r); "
                 "this warning is shown once per encoder.",
-                len(truncated), len(prompts), self.max_length, prompts[truncated[0]],
+                len(truncated),
+                len(prompts),
+                self.max_length,
+                textwrap.shorten(prompts[truncated[0]], 60),
             )
         input_ids = np.array([e.ids for e in encodings], np.int32)
         token_type_ids = np.array([e.type_ids for e in encodings], np.int32)

@@ -115,3 +115,14 @@ def batch_axis_size(mesh: Mesh, rules) -> int:
     spec = nn.logical_to_mesh_axes(("act_batch",), rules)[0]
     axes = spec if isinstance(spec, tuple) else ((spec,) if spec else ())
     return math.prod(mesh.shape[a] for a in axes)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Starts jax's multi-process runtime.
+
+    On Cloud TPU pods every argument is discovered from the environment; elsewhere (several CPU
+    processes on one machine, GPU clusters) they are given explicitly.
+    """
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)

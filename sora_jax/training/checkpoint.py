@@ -90,3 +90,22 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def restore_for_inference(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
+    """Restores a trained state from `workdir/checkpoints` (the latest step unless given)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"No checkpoints in {workdir!r}; train first with "
+                                f"`python -m sora_jax.train --workdir={workdir} --config=...`.")
+    ckpt = Checkpointer(directory, async_save=False)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"{directory!r} holds no finished checkpoint yet.")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise ValueError(f"No checkpoint for step {step} in {directory!r}; available: {sorted(steps)}.")
+    state = ckpt.restore(step, abstract_state)
+    ckpt.close()
+    return state, step

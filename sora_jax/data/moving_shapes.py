@@ -1,0 +1,383 @@
+"""moving_shapes: captioned videos of one coloured shape moving over a plain background.
+
+Everything is generated locally: an example is a pure function of (seed, split, index), so the
+dataset needs no download and rebuilds bit for bit anywhere.
+
+    attributes = sample_attributes(rng, split)           # colour, shape, direction, size, ...
+    video = render_video(attributes, frames, height, width)   # uint8 [frames, height, width, 3]
+    caption = make_caption(attributes, rng, phrasing)     # "a small crimson block drifting leftwards"
+
+Splits (`SPLITS`), so that evaluation measures generalisation rather than recall:
+
+    train        training (colour, shape, direction) combinations, training phrasings
+    validation   the train distribution, other draws (loss per timestep bin)
+    test         held-out combinations AND held-out phrasings (compositional generalisation)
+    test_seen    training combinations with held-out phrasings (phrasing generalisation alone)
+
+Held-out combinations (`HELDOUT_COMBOS`) are 18 of the 162 triples; every colour, shape and
+direction on its own still appears in training. Held-out phrasings use sentence templates that
+training never shows and may draw extra synonyms ("scarlet", "ball", "glides", "to the upper
+left"), so a model must rely on what its frozen text encoder knows about the words.
+
+The tensorflow-datasets builder `MovingShapes` (registered as `moving_shapes`) writes array_record
+files, which `tfds.data_source` and grain read without TensorFlow:
+
+    tfds.builder('moving_shapes/tiny', data_dir=d).download_and_prepare()
+"""
+
+import dataclasses
+import itertools
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+# Clip lengths are 1 + 4k frames so the causal video VAE (4x temporal compression) tiles them.
+TEMPORAL_MULTIPLE = 4
+
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
+# Every pair of object colours is >= 150 apart in RGB, and every object colour >= 150 from every
+# background, so a detector can tell them apart even in blurry generated videos.
+PALETTE = {
+    "red": (230, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (40, 70, 240),
+    "yellow": (240, 220, 40),
+    "magenta": (220, 40, 220),
+    "cyan": (40, 220, 230),
+}
+BACKGROUNDS = ("black", "grey", "navy", "brown")
+BACKGROUND_PALETTE = {
+    "black": (10, 10, 12),
+    "grey": (56, 56, 60),
+    "navy": (16, 20, 60),
+    "brown": (58, 36, 22),
+}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = (
+    "still", "left", "right", "up", "down", "up_left", "up_right", "down_left", "down_right"
+)
+_DIAGONAL = 1 / np.sqrt(2)
+# Unit motion vectors in image coordinates: x to the right, y DOWN the frame.
+DIRECTION_VECTORS = {
+    "still": (0.0, 0.0),
+    "left": (-1.0, 0.0),
+    "right": (1.0, 0.0),
+    "up": (0.0, -1.0),
+    "down": (0.0, 1.0),
+    "up_left": (-_DIAGONAL, -_DIAGONAL),
+    "up_right": (_DIAGONAL, -_DIAGONAL),
+    "down_left": (-_DIAGONAL, _DIAGONAL),
+    "down_right": (_DIAGONAL, _DIAGONAL),
+}
+# Object side (or diameter) and the distance it travels over the whole clip, as fractions of
+# min(height, width). Sizes + travel <= 1, so every object fits the frame for the whole clip.
+SIZE_RANGE = (0.35, 0.5)
+SPEED_RANGE = (0.25, 0.5)
+SMALL_BELOW, LARGE_ABOVE = 0.4, 0.45  # sizes a caption may call "small" / "large"
+
+# 18 of 162 (colour, shape, direction) triples, never in train/validation/test_seen: each colour
+# with each shape once, each direction twice.
+HELDOUT_COMBOS = frozenset({
+    ("red", "square", "down"), ("red", "circle", "up_right"), ("red", "triangle", "still"),
+    ("green", "square", "up"), ("green", "circle", "down_left"), ("green", "triangle", "left"),
+    ("blue", "square", "right"), ("blue", "circle", "still"), ("blue", "triangle", "up_left"),
+    ("yellow", "square", "down_right"), ("yellow", "circle", "left"), ("yellow", "triangle", "up"),
+    ("magenta", "square", "up_left"), ("magenta", "circle", "right"),
+    ("magenta", "triangle", "down_left"),
+    ("cyan", "square", "up_right"), ("cyan", "circle", "down"), ("cyan", "triangle", "down_right"),
+})
+TRAIN_COMBOS = tuple(
+    c for c in itertools.product(COLOURS, SHAPES, DIRECTIONS) if c not in HELDOUT_COMBOS
+)
+
+
+class Words(NamedTuple):
+    """Phrasings of one thing: `train` ones appear everywhere, `heldout` ones only in evaluation."""
+
+    train: tuple[Any, ...]
+    heldout: tuple[Any, ...]
+
+
+COLOUR_WORDS = {
+    "red": Words(("red", "crimson"), ("scarlet",)),
+    "green": Words(("green", "emerald"), ("lime",)),
+    "blue": Words(("blue", "cobalt"), ("sapphire",)),
+    "yellow": Words(("yellow", "golden"), ("lemon",)),
+    "magenta": Words(("magenta", "purple"), ("fuchsia",)),
+    "cyan": Words(("cyan", "turquoise"), ("aqua",)),
+}
+SHAPE_WORDS = {
+    "square": Words(("square", "block"), ("box",)),
+    "circle": Words(("circle", "disc"), ("ball",)),
+    "triangle": Words(("triangle", "wedge"), ("triangular tile",)),
+}
+SIZE_WORDS = {"small": Words(("small", "little"), ("tiny",)), "large": Words(("large", "big"), ("huge",))}
+# (finite, participle) forms: "a square slides left" / "a square sliding left".
+VERBS = Words(
+    (("moves", "moving"), ("slides", "sliding"), ("drifts", "drifting")),
+    (("glides", "gliding"), ("travels", "travelling")),
+)
+STILL_PHRASES = Words(
+    (("stays still", "staying still"), ("sits motionless", "sitting motionless"),
+     ("does not move", "not moving")),
+    (("rests in place", "resting in place"), ("remains stationary", "remaining stationary")),
+)
+DIRECTION_WORDS = {
+    "left": Words(("to the left", "left", "leftwards"), ("towards the left edge",)),
+    "right": Words(("to the right", "right", "rightwards"), ("towards the right edge",)),
+    "up": Words(("up", "upwards", "towards the top"), ("towards the top edge",)),
+    "down": Words(("down", "downwards", "towards the bottom"), ("towards the bottom edge",)),
+    "up_left": Words(("up and to the left", "up and left", "towards the top left"),
+                     ("to the upper left",)),
+    "up_right": Words(("up and to the right", "up and right", "towards the top right"),
+                      ("to the upper right",)),
+    "down_left": Words(("down and to the left", "down and left", "towards the bottom left"),
+                       ("to the lower left",)),
+    "down_right": Words(("down and to the right", "down and right", "towards the bottom right"),
+                        ("to the lower right",)),
+}
+BACKGROUND_WORDS = {
+    "black": ("black", "dark"),
+    "grey": ("grey", "dark grey"),
+    "navy": ("navy", "dark"),
+    "brown": ("brown", "dark brown"),
+}
+BACKGROUND_PHRASES = Words((" on a {} background",), (" against a {} backdrop",))
+# {a}: article, {desc}: "[size] colour shape", {moves}/{moving}: finite/participle motion, {bg}.
+TEMPLATES = Words(
+    ("{a} {desc} {moves}{bg}", "{a} {desc} {moving}{bg}", "{desc} {moving}{bg}"),
+    ("there is {a} {desc} that {moves}{bg}", "you can see {a} {desc} {moving}{bg}"),
+)
+SIZE_WORD_PROBABILITY = 0.5
+BACKGROUND_MENTION_PROBABILITY = 0.3
+
+
+class SplitSpec(NamedTuple):
+    combos: str  # 'train' | 'heldout'
+    phrasing: str  # 'train' | 'heldout'
+
+
+DATASET_SEED = 0  # the builder's examples are make_example(DATASET_SEED, split, index, ...)
+SPLITS = {
+    "train": SplitSpec("train", "train"),
+    "validation": SplitSpec("train", "train"),
+    "test": SplitSpec("heldout", "heldout"),
+    "test_seen": SplitSpec("train", "heldout"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Attributes:
+    """What a video shows. Lengths are fractions of min(height, width), positions of the frame."""
+
+    colour: str
+    shape: str
+    direction: str
+    background: str
+    size: float  # side of the square / diameter of the circle / base and height of the triangle
+    speed: float  # distance the centre travels over the whole clip
+    start_x: float  # centre in the first frame, as a fraction of the width
+    start_y: float  # ... and of the height
+
+
+def sample_attributes(rng: np.random.Generator, split: str) -> Attributes:
+    """Draws attributes from the split's combinations; the object stays inside the frame."""
+    combos = TRAIN_COMBOS if SPLITS[split].combos == "train" else sorted(HELDOUT_COMBOS)
+    colour, shape, direction = combos[rng.integers(len(combos))]
+    size = rng.uniform(*SIZE_RANGE)
+    speed = 0.0 if direction == "still" else rng.uniform(*SPEED_RANGE)
+    # Bounds as if the frame were square: on a wider (or taller) frame the object and its
+    # displacement are smaller in that axis's units, so it fits there too.
+    start = [
+        rng.uniform(size / 2 - min(0.0, d), 1 - size / 2 - max(0.0, d))
+        for d in np.multiply(DIRECTION_VECTORS[direction], speed)
+    ]
+    return Attributes(colour, shape, direction, BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
+                      float(size), float(speed), float(start[0]), float(start[1]))
+
+
+def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Whether points lie inside `shape`, in coordinates where its bounding box is [-1, 1]^2.
+
+    u grows rightwards and v downwards; the triangle points up (apex at v = -1, base at v = 1).
+    """
+    if shape == "square":
+        return (np.abs(u) <= 1) & (np.abs(v) <= 1)
+    if shape == "circle":
+        return u**2 + v**2 <= 1
+    if shape == "triangle":
+        return (v <= 1) & (v >= 2 * np.abs(u) - 1)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+_SUPERSAMPLE = 4  # per axis: edges get 16 coverage levels, i.e. light antialiasing
+
+
+def render_video(attrs: Attributes, frames: int, height: int, width: int) -> np.ndarray:
+    """Renders the clip as uint8 [frames, height, width, 3]; a 1-frame clip is the first frame."""
+    side = min(height, width)
+    progress = np.arange(frames) / max(frames - 1, 1)
+    dx, dy = np.multiply(DIRECTION_VECTORS[attrs.direction], attrs.speed * side)
+    centre_x = attrs.start_x * width + dx * progress  # [frames], pixels
+    centre_y = attrs.start_y * height + dy * progress
+    half = attrs.size * side / 2
+    xs = (np.arange(width * _SUPERSAMPLE) + 0.5) / _SUPERSAMPLE  # subpixel centres, pixels
+    ys = (np.arange(height * _SUPERSAMPLE) + 0.5) / _SUPERSAMPLE
+    u = (xs[None, None, :] - centre_x[:, None, None]) / half
+    v = (ys[None, :, None] - centre_y[:, None, None]) / half
+    inside = shape_mask(attrs.shape, u, v)  # [frames, height * s, width * s]
+    coverage = inside.reshape(frames, height, _SUPERSAMPLE, width, _SUPERSAMPLE).mean((2, 4))
+    background = np.asarray(BACKGROUND_PALETTE[attrs.background], np.float32)
+    colour = np.asarray(PALETTE[attrs.colour], np.float32)
+    video = background + coverage[..., None] * (colour - background)
+    return np.rint(video).astype(np.uint8)
+
+
+def make_caption(attrs: Attributes, rng: np.random.Generator, phrasing: str = "train") -> str:
+    """A sentence describing `attrs`. 'heldout' phrasing uses an evaluation-only template and draws
+    synonyms from the training and held-out words together, so every word keeps its meaning."""
+    if phrasing not in ("train", "heldout"):
+        raise ValueError(f"phrasing must be 'train' or 'heldout', got {phrasing!r}")
+
+    def pick(words: Words) -> Any:
+        options = words.train if phrasing == "train" else words.train + words.heldout
+        return options[rng.integers(len(options))]
+
+    size_class = "small" if attrs.size < SMALL_BELOW else "large" if attrs.size > LARGE_ABOVE else None
+    size_word = pick(SIZE_WORDS[size_class]) if size_class else ""
+    if rng.random() >= SIZE_WORD_PROBABILITY:
+        size_word = ""
+    desc = " ".join(w for w in (size_word, pick(COLOUR_WORDS[attrs.colour]),
+                                pick(SHAPE_WORDS[attrs.shape])) if w)
+    if attrs.direction == "still":
+        moves, moving = pick(STILL_PHRASES)
+    else:
+        (verb, participle), where = pick(VERBS), pick(DIRECTION_WORDS[attrs.direction])
+        moves, moving = f"{verb} {where}", f"{participle} {where}"
+    bg = ""
+    if rng.random() < BACKGROUND_MENTION_PROBABILITY:
+        bg_words = BACKGROUND_WORDS[attrs.background]
+        bg = pick(BACKGROUND_PHRASES).format(bg_words[rng.integers(len(bg_words))])
+    template = TEMPLATES.train if phrasing == "train" else TEMPLATES.heldout
+    article = "an" if desc[0] in "aeiou" else "a"
+    return template[rng.integers(len(template))].format(
+        a=article, desc=desc, moves=moves, moving=moving, bg=bg)
+
+
+def make_example(seed: int, split: str, index: int, frames: int, height: int,
+                 width: int) -> dict[str, Any]:
+    """Example `index` of `split`, as the builder stores it (video: uint8 [frames, height, width, 3])."""
+    rng = np.random.default_rng((seed, list(SPLITS).index(split), index))
+    attrs = sample_attributes(rng, split)
+    return {
+        "video": render_video(attrs, frames, height, width),
+        "caption": make_caption(attrs, rng, SPLITS[split].phrasing),
+        "colour": attrs.colour,
+        "shape": attrs.shape,
+        "direction": attrs.direction,
+        "background": BACKGROUNDS.index(attrs.background),
+        "size": attrs.size,
+        "speed": attrs.speed,
+        "start_x": attrs.start_x,
+        "start_y": attrs.start_y,
+        "index": index,
+    }
+
+
+def generate_examples(seed: int, split: str, num: int, frames: int, height: int,
+                      width: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yields (index, example) for the first `num` examples of `split`."""
+    for index in range(num):
+        yield index, make_example(seed, split, index, frames, height, width)
+
+
+def check_frames(frames: int) -> None:
+    """Raises unless frames = 1 + 4k with k >= 1 (a moving clip the causal VAE tiles)."""
+    if frames < 1 + TEMPORAL_MULTIPLE or (frames - 1) % TEMPORAL_MULTIPLE:
+        valid = ", ".join(str(1 + TEMPORAL_MULTIPLE * k) for k in range(1, 5))
+        raise ValueError(f"frames must be 1 + {TEMPORAL_MULTIPLE}k with k >= 1 ({valid}, ...); "
+                         f"got {frames}")
+
+
+@dataclasses.dataclass(eq=False)
+class MovingShapesConfig(tfds.core.BuilderConfig):
+    """Clip size and split sizes; `num_test` examples go to each of test and test_seen."""
+
+    frames: int = 9
+    height: int = 32
+    width: int = 32
+    num_train: int = 10_000
+    num_validation: int = 500
+    num_test: int = 500
+
+    def __post_init__(self):
+        check_frames(self.frames)
+        if min(self.height, self.width) < 16:
+            raise ValueError(f"height and width must be >= 16 for clear shapes; got "
+                             f"{self.height}x{self.width}")
+
+
+
+class MovingShapes(tfds.core.GeneratorBasedBuilder):
+    """Captioned videos of one coloured shape moving on a plain background, generated locally."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [
+        MovingShapesConfig(name="tiny", description="5 frames of 16x16, for tests.",
+                           frames=5, height=16, width=16,
+                           num_train=256, num_validation=64, num_test=64),
+        MovingShapesConfig(name="f9_s32", description="9 frames of 32x32, the CPU default.",
+                           frames=9, height=32, width=32),
+        MovingShapesConfig(name="f17_s64", description="17 frames of 64x64.",
+                           frames=17, height=64, width=64,
+                           num_train=50_000, num_validation=1_000, num_test=1_000),
+    ]
+    DEFAULT_CONFIG_NAME = "f9_s32"
+
+    def __init__(self, *, file_format: str = "array_record", **kwargs):
+        # array_record by default: random access for grain, and no TensorFlow needed to write it.
+        super().__init__(file_format=file_format, **kwargs)
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # tfds 4.9.10 finds a packaged builder's file through `importlib_resources`, which it does
+        # not declare on Python >= 3.9 (tensorflow/datasets#11212); this file is the answer.
+        return epath.Path(__file__)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        c = self.builder_config
+        scalar = tfds.features.Scalar
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=tfds.features.FeaturesDict({
+                # Flat backgrounds compress well: zlib makes the files ~10x smaller.
+                "video": tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3),
+                                              dtype=np.uint8,
+                                              encoding=tfds.features.Encoding.ZLIB),
+                "caption": tfds.features.Text(),
+                "colour": tfds.features.ClassLabel(names=COLOURS),
+                "shape": tfds.features.ClassLabel(names=SHAPES),
+                "direction": tfds.features.ClassLabel(names=DIRECTIONS),
+                "background": scalar(np.int64, doc=f"index into {BACKGROUNDS}"),
+                "size": scalar(np.float32, doc="object size, fraction of min(height, width)"),
+                "speed": scalar(np.float32, doc="travel over the clip, fraction of min(h, w)"),
+                "start_x": scalar(np.float32, doc="first-frame centre, fraction of width"),
+                "start_y": scalar(np.float32, doc="first-frame centre, fraction of height"),
+                "index": scalar(np.int64, doc="example index in its split (regenerates it)"),
+            }),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # everything is generated locally
+        return {split: self._generate_examples(split) for split in SPLITS}
+
+    def _generate_examples(self, split: str):
+        c = self.builder_config
+        num = {"train": c.num_train, "validation": c.num_validation}.get(split, c.num_test)
+        return generate_examples(DATASET_SEED, split, num, c.frames, c.height, c.width)
