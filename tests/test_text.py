@@ -77,7 +77,7 @@ def test_token_states_match_transformers_including_truncation(encoder, torch_ref
 
 def test_encode_returns_static_shapes_and_a_right_padded_mask(encoder):
     tokens, mask = encoder.encode(PROMPTS[:2])
-    assert encoder.dim == 384 and encoder.max_length == MAX_LENGTH
+    assert encoder.dim == text.encoder_dim("minilm") == 384 and encoder.max_length == MAX_LENGTH
     assert tokens.shape == (2, MAX_LENGTH, 384) and tokens.dtype == jnp.float32
     assert mask.shape == (2, MAX_LENGTH) and mask.dtype == jnp.bool_
     # [CLS] a cat [SEP] and [CLS] a red square slides to the left [SEP].
@@ -127,9 +127,10 @@ def test_encode_rejects_bad_prompts(encoder, prompts, error, match):
         encoder.encode(prompts)
 
 
-def test_unknown_encoder_name_lists_the_valid_names():
-    with pytest.raises(ValueError, match="minilm"):
-        text.get_text_encoder("t5-xxl")
+@pytest.mark.parametrize("lookup", [text.get_text_encoder, text.encoder_dim])
+def test_unknown_encoder_name_lists_the_valid_names(lookup):
+    with pytest.raises(ValueError, match=r"valid names: \['minilm'\]"):
+        lookup("t5-xxl")
 
 
 @pytest.mark.parametrize("max_length", [1, 513])

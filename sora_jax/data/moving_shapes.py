@@ -216,20 +216,30 @@ def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 _SUPERSAMPLE = 4  # per axis: edges get 16 coverage levels, i.e. light antialiasing
 
 
+def shape_coverage(shape: str, centre_x: np.ndarray, centre_y: np.ndarray, half: float,
+                   height: int, width: int) -> np.ndarray:
+    """Fraction of each pixel that `shape` covers, float [T, height, width].
+
+    centre_x, centre_y: [T] centre of the shape's bounding box per frame, in pixels (the frame's
+    top-left corner is (0, 0)); half: half the side of that bounding box, in pixels.
+    """
+    xs = (np.arange(width * _SUPERSAMPLE) + 0.5) / _SUPERSAMPLE  # subpixel centres
+    ys = (np.arange(height * _SUPERSAMPLE) + 0.5) / _SUPERSAMPLE
+    u = (xs[None, None, :] - np.asarray(centre_x)[:, None, None]) / half
+    v = (ys[None, :, None] - np.asarray(centre_y)[:, None, None]) / half
+    inside = shape_mask(shape, u, v)
+    frames = inside.shape[0]
+    return inside.reshape(frames, height, _SUPERSAMPLE, width, _SUPERSAMPLE).mean((2, 4))
+
+
 def render_video(attrs: Attributes, frames: int, height: int, width: int) -> np.ndarray:
     """Renders the clip as uint8 [frames, height, width, 3]; a 1-frame clip is the first frame."""
     side = min(height, width)
     progress = np.arange(frames) / max(frames - 1, 1)
     dx, dy = np.multiply(DIRECTION_VECTORS[attrs.direction], attrs.speed * side)
-    centre_x = attrs.start_x * width + dx * progress  # [frames], pixels
-    centre_y = attrs.start_y * height + dy * progress
-    half = attrs.size * side / 2
-    xs = (np.arange(width * _SUPERSAMPLE) + 0.5) / _SUPERSAMPLE  # subpixel centres, pixels
-    ys = (np.arange(height * _SUPERSAMPLE) + 0.5) / _SUPERSAMPLE
-    u = (xs[None, None, :] - centre_x[:, None, None]) / half
-    v = (ys[None, :, None] - centre_y[:, None, None]) / half
-    inside = shape_mask(attrs.shape, u, v)  # [frames, height * s, width * s]
-    coverage = inside.reshape(frames, height, _SUPERSAMPLE, width, _SUPERSAMPLE).mean((2, 4))
+    coverage = shape_coverage(attrs.shape, attrs.start_x * width + dx * progress,
+                              attrs.start_y * height + dy * progress, attrs.size * side / 2,
+                              height, width)
     background = np.asarray(BACKGROUND_PALETTE[attrs.background], np.float32)
     colour = np.asarray(PALETTE[attrs.colour], np.float32)
     video = background + coverage[..., None] * (colour - background)

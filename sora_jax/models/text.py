@@ -21,7 +21,7 @@ import json
 import operator
 import pathlib
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -45,6 +45,11 @@ class TextEncoder(abc.ABC):
 
     dim: int
     max_length: int
+
+    @classmethod
+    @abc.abstractmethod
+    def default_dim(cls) -> int:
+        """`dim` with the default checkpoint, read without loading its weights."""
 
     @abc.abstractmethod
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
@@ -99,7 +104,7 @@ class BertConfig:
         """Reads an HF BERT `config.json`, refusing variants `BertEncoder` does not implement."""
         with open(path) as f:
             cfg = json.load(f)
-        # BERT's "gelu" is the exact erf form; other values belong to models BertEncoder does not build.
+        # BERT's "gelu" is the exact erf form; other values are models BertEncoder does not build.
         unsupported = {
             key: cfg[key]
             for key, supported in (("hidden_act", "gelu"), ("position_embedding_type", "absolute"))
@@ -345,6 +350,10 @@ class MiniLMEncoder(TextEncoder):
     encoder's forward is jitted, compiling once per batch size since `max_length` is fixed.
     """
 
+    @classmethod
+    def default_dim(cls) -> int:
+        return BertConfig.from_json(minilm_model_dir() / "config.json").hidden_size
+
     def __init__(self, max_length: int = 32, model_dir: str | pathlib.Path | None = None):
         """Loads the tokenizer and weights.
 
@@ -415,11 +424,20 @@ class MiniLMEncoder(TextEncoder):
         return self._forward(self.params, input_ids, token_type_ids, mask), mask
 
 
-_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"minilm": MiniLMEncoder}
+_ENCODERS: dict[str, type[TextEncoder]] = {"minilm": MiniLMEncoder}
+
+
+def _encoder_class(name: str) -> type[TextEncoder]:
+    if name not in _ENCODERS:
+        raise ValueError(f"Unknown text encoder {name!r}; valid names: {sorted(_ENCODERS)}.")
+    return _ENCODERS[name]
 
 
 def get_text_encoder(name: str, *, max_length: int = 32) -> TextEncoder:
-    """Builds the text encoder registered under `name` (one of: minilm)."""
-    if name not in _ENCODERS:
-        raise ValueError(f"Unknown text encoder {name!r}; valid names: {sorted(_ENCODERS)}.")
-    return _ENCODERS[name](max_length=max_length)
+    """Builds the text encoder registered under `name` (one of: minilm), loading its weights."""
+    return _encoder_class(name)(max_length=max_length)
+
+
+def encoder_dim(name: str) -> int:
+    """The token width of encoder `name`, read without loading it (to size models before weights)."""
+    return _encoder_class(name).default_dim()

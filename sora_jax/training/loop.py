@@ -137,7 +137,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
         **data_kw, split=c.data.eval_split, num=c.train.num_samples)]
     sampler = exp.make_sampler(steps=c.sampling.steps, guidance=c.sampling.guidance)
 
-    writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"))
+    writer = metrics_lib.MetricWriter(workdir)
     flops_per_step = exp.train_flops_per_step()
     peak = metrics_lib.peak_flops_per_device(exp.model.dtype) * jax.device_count()
     base_rng = jax.random.key(c.seed + 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import jax
@@ -53,13 +55,18 @@ def peak_flops_per_device(compute_dtype) -> float:
 
 
 class MetricWriter:
-    """Scalars to TensorBoard-readable event files (process 0 only) and one console line."""
+    """Scalars to TensorBoard event files and to `metrics.jsonl` (one JSON object per write).
 
-    def __init__(self, logdir: str):
-        self._writer = None
+    Only process 0 writes. The JSON lines are for notebooks and tests (`pandas.read_json(...,
+    lines=True)`).
+    """
+
+    def __init__(self, workdir: str):
+        self._writer = self._jsonl = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(logdir)
+            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if self._writer is None:
@@ -67,10 +74,13 @@ class MetricWriter:
         for name, value in scalars.items():
             self._writer.add_scalar(name, float(value), step)
         self._writer.flush()
+        self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._jsonl.flush()
 
     def close(self):
         if self._writer is not None:
             self._writer.close()
+            self._jsonl.close()
 
 
 def format_scalars(scalars: dict[str, float]) -> str:

@@ -7,6 +7,7 @@ Batches hold latents (the autoencoder's output; pixels for the identity autoenco
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,17 +26,25 @@ def _forward(model: nn.Module, params, batch: Batch, x_t, t, drop_text):
     return model.apply({"params": params}, x_t, t, batch["text"], batch["text_mask"], drop_text)
 
 
-def flow_loss(model: nn.Module, flow: RectifiedFlow, params, batch: Batch, rng: jax.Array, *,
-              caption_dropout: float, temporal_patch: int) -> jax.Array:
-    """Mean velocity-space loss over the batch at randomly drawn times and captions dropped."""
-    x0 = batch["latent"]
-    batch_size, frames = x0.shape[:2]
+def draw_noise(flow: RectifiedFlow, latent: jax.Array, rng: jax.Array, *, caption_dropout: float,
+               temporal_patch: int) -> Batch:
+    """The randomness of one training step: times, noise and which captions are dropped."""
+    batch_size, frames = latent.shape[:2]
     rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
-    # One time per clip, shared by its frames; conditioning on given frames sets some to zero.
+    # One time per clip, shared by its frames (given conditioning frames would be set to zero).
     t = jnp.repeat(flow.sample_time(rng_t, batch_size)[:, None], frames // temporal_patch, axis=1)
-    noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
-    drop_text = jax.random.bernoulli(rng_drop, caption_dropout, (batch_size,))
-    prediction = _forward(model, params, batch, flow.interpolate(x0, noise, t), t, drop_text)
+    return {
+        "t": t,
+        "noise": jax.random.normal(rng_noise, latent.shape, latent.dtype),
+        "drop_text": jax.random.bernoulli(rng_drop, caption_dropout, (batch_size,)),
+    }
+
+
+def flow_loss(model: nn.Module, flow: RectifiedFlow, params, batch: Batch) -> jax.Array:
+    """Mean velocity-space loss of a batch that carries its noise draw (see `draw_noise`)."""
+    x0, noise, t = batch["latent"], batch["noise"], batch["t"]
+    prediction = _forward(model, params, batch, flow.interpolate(x0, noise, t), t,
+                          batch["drop_text"])
     return jnp.mean(flow.loss(prediction, x0, noise, t))
 
 
@@ -44,34 +53,29 @@ def make_train_step(model: nn.Module, flow: RectifiedFlow, *, schedule: optax.Sc
                     group: str = "dit") -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """Returns train_step(state, batch, rng) -> (state, metrics).
 
-    With grad_accum_steps = k the batch is split into k microbatches whose gradients are averaged
-    in a scan before one optimizer update, so memory scales with the microbatch.
+    With grad_accum_steps = k the batch (with its noise, drawn once for the whole batch) is split
+    into k microbatches whose gradients are averaged in a scan before one optimizer update: the
+    update equals the one-batch update while memory scales with the microbatch.
     """
-
-    def loss_fn(params, batch, rng):
-        return flow_loss(model, flow, params, batch, rng, caption_dropout=caption_dropout,
-                         temporal_patch=temporal_patch)
-
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(functools.partial(flow_loss, model, flow))
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
         g = state.groups[group]
+        batch = {**batch, **draw_noise(flow, batch["latent"], rng, caption_dropout=caption_dropout,
+                                       temporal_patch=temporal_patch)}
         if grad_accum_steps == 1:
-            loss, grads = grad_fn(g.params, batch, rng)
+            loss, grads = grad_fn(g.params, batch)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
                 batch)
 
-            def accumulate(carry, inputs):
-                i, mb = inputs
-                loss, grads = grad_fn(g.params, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            def accumulate(carry, microbatch):
+                return jax.tree.map(jnp.add, carry, grad_fn(g.params, microbatch)), None
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, g.params))
-            (loss, grads), _ = jax.lax.scan(
-                accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
             loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
         metrics = {
             "loss": loss,
