@@ -3,11 +3,14 @@
 An analytic detector rather than a trained classifier, so prompt-adherence scores of generated
 videos (`score`) cannot be gamed by the generator and need no training:
 
-    frame:     background = median colour of the border; foreground = pixels far from it;
-               8-connected components; coherent = exactly one object of a dataset-sized shape
+    frame:     background = median colour of the border; foreground = pixels far from it, in
+               8-connected components; each pixel's coverage = where its colour lies between the
+               background and the object's colour (antialiased edges count fractionally)
+    shape:     each dataset shape, placed at the object's centroid with the object's area, is
+               compared with the coverage (intersection over union); the best one wins the frame
+    coherent:  one component holds almost all the foreground, its area is a dataset object's, and
+               its best shape explains it (a noisy blob, two fragments or no object do not count)
     colour:    nearest palette entry to the median colour of the objects' cores
-    shape:     best intersection-over-union against square/circle/triangle drawn in the object's
-               bounding box, majority vote over coherent frames
     direction: least-squares velocity of the centroid over coherent frames; 'still' when the
                whole clip moves less than half the dataset's slowest speed
 """
@@ -26,10 +29,19 @@ FOREGROUND_DISTANCE = 80.0
 # Palette entries are >= 150 apart: a colour further than half that from all of them is unknown.
 MAX_COLOUR_DISTANCE = 75.0
 MIN_OBJECT_FRACTION = 0.95  # of the foreground pixels, held by the one object
-MAX_ASPECT = 1.35  # every dataset shape has a square bounding box
-MIN_FILL = 0.35  # of the bounding box (a triangle fills 0.5)
+MIN_SHAPE_IOU = 0.75  # dataset objects score >= 0.85 even at 16x16
 STILL_BELOW = moving_shapes.SPEED_RANGE[0] / 2  # clip displacement, fraction of min(h, w)
 UNKNOWN = "unknown"
+
+
+def _unit_geometry(shape: str) -> tuple[float, float]:
+    """(area, centroid's v) of `shape` in its [-1, 1]^2 bounding box, as fractions of the box."""
+    u, v = np.meshgrid(np.linspace(-1, 1, 512), np.linspace(-1, 1, 512))
+    inside = moving_shapes.shape_mask(shape, u, v)
+    return float(inside.mean()), float(v[inside].mean())
+
+
+_GEOMETRY = {shape: _unit_geometry(shape) for shape in moving_shapes.SHAPES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +52,7 @@ class Detection:
     colour_distance: float  # RGB distance of the object's colour to that palette entry
     shape: str  # a name from moving_shapes.SHAPES, or 'unknown' without coherent frames
     direction: str  # from moving_shapes.DIRECTIONS, or 'unknown' with < 2 coherent frames
-    coherent: np.ndarray  # bool [T]: exactly one object of a plausible size
+    coherent: np.ndarray  # bool [T]: exactly one object of a plausible size and shape
     centroids: np.ndarray  # float [T, 2] (x, y) in pixels; NaN in incoherent frames
 
 
@@ -69,19 +81,24 @@ def label_components(mask: np.ndarray) -> np.ndarray:
 def _object_area_range(side: int) -> tuple[float, float]:
     """Pixel areas a dataset object can cover, with one pixel of slack around its outline."""
     low, high = moving_shapes.SIZE_RANGE
-    return 0.5 * max(low * side - 2, 0) ** 2, (high * side + 2) ** 2  # triangle ... square
+    return (_GEOMETRY["triangle"][0] * max(low * side - 2, 0) ** 2,
+            _GEOMETRY["square"][0] * (high * side + 2) ** 2)
 
 
-def _shape_scores(obj: np.ndarray) -> dict[str, float]:
-    """Intersection over union of a cropped object mask [h, w] with each dataset shape."""
-    h, w = obj.shape
-    u = (np.arange(w) + 0.5) / w * 2 - 1
-    v = (np.arange(h) + 0.5) / h * 2 - 1
+def _fit_shapes(coverage: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """Intersection over union of an object's coverage [h, w] with each dataset shape of the same
+    centroid and area; returns the scores and the centroid (x, y) in pixels of the crop."""
+    h, w = coverage.shape
+    area = coverage.sum()
+    centroid = np.array([(coverage.sum(0) * (np.arange(w) + 0.5)).sum(),
+                         (coverage.sum(1) * (np.arange(h) + 0.5)).sum()]) / area
     scores = {}
-    for shape in moving_shapes.SHAPES:
-        template = moving_shapes.shape_mask(shape, u[None, :], v[:, None])
-        scores[shape] = (template & obj).sum() / (template | obj).sum()
-    return scores
+    for shape, (fill, centroid_v) in _GEOMETRY.items():
+        half = np.sqrt(area / fill) / 2
+        template = moving_shapes.shape_coverage(shape, centroid[:1], centroid[1:] - centroid_v * half,
+                                                half, h, w)[0]
+        scores[shape] = np.minimum(template, coverage).sum() / np.maximum(template, coverage).sum()
+    return scores, centroid
 
 
 def detect(video: np.ndarray) -> Detection:
@@ -93,9 +110,14 @@ def detect(video: np.ndarray) -> Detection:
     border = np.concatenate([pixels[:, 0], pixels[:, -1], pixels[:, 1:-1, 0], pixels[:, 1:-1, -1]],
                             axis=1)  # [T, perimeter, 3]
     background = np.median(border, axis=1)[:, None, None]  # [T, 1, 1, 3]
-    distance = np.linalg.norm(pixels - background, axis=-1)  # [T, H, W]
+    offset = pixels - background
+    distance = np.linalg.norm(offset, axis=-1)  # [T, H, W]
     foreground = distance > FOREGROUND_DISTANCE
     labels = label_components(foreground)
+    colour, colour_distance, object_rgb = _colour(pixels[foreground], distance[foreground])
+    # Where each pixel lies on the line from the background to the object's colour.
+    span = object_rgb - background
+    coverage = np.clip((offset * span).sum(-1) / np.maximum((span**2).sum(-1), 1), 0, 1)
 
     area_low, area_high = _object_area_range(min(height, width))
     coherent = np.zeros(frames, bool)
@@ -103,20 +125,21 @@ def detect(video: np.ndarray) -> Detection:
     shape_votes = collections.Counter()
     for t in range(frames):
         ids, counts = np.unique(labels[t][foreground[t]], return_counts=True)
-        if not len(ids):
+        if not len(ids) or counts.max() < MIN_OBJECT_FRACTION * counts.sum():
             continue
-        area = counts.max()
         ys, xs = np.nonzero(labels[t] == ids[counts.argmax()])
-        h, w = np.ptp(ys) + 1, np.ptp(xs) + 1
-        if (area >= MIN_OBJECT_FRACTION * counts.sum() and area_low <= area <= area_high
-                and max(h, w) <= MAX_ASPECT * min(h, w) and area >= MIN_FILL * h * w):
+        # The object's box with a margin for its faint antialiased rim.
+        y0, x0 = max(ys.min() - 2, 0), max(xs.min() - 2, 0)
+        crop = coverage[t, y0:ys.max() + 3, x0:xs.max() + 3]
+        if not area_low <= crop.sum() <= area_high:
+            continue
+        scores, centroid = _fit_shapes(crop)
+        best = max(scores, key=scores.get)
+        if scores[best] >= MIN_SHAPE_IOU:
             coherent[t] = True
-            centroids[t] = xs.mean() + 0.5, ys.mean() + 0.5
-            crop = labels[t, ys.min():ys.max() + 1, xs.min():xs.max() + 1] == ids[counts.argmax()]
-            scores = _shape_scores(crop)
-            shape_votes[max(scores, key=scores.get)] += 1
+            centroids[t] = centroid + (x0, y0)
+            shape_votes[best] += 1
 
-    colour, colour_distance = _colour(pixels[foreground], distance[foreground])
     return Detection(
         colour=colour,
         colour_distance=colour_distance,
@@ -127,17 +150,18 @@ def detect(video: np.ndarray) -> Detection:
     )
 
 
-def _colour(object_pixels: np.ndarray, distance: np.ndarray) -> tuple[str, float]:
-    """Nearest palette colour to the median of the objects' cores (pixels [N, 3], float)."""
+def _colour(object_pixels: np.ndarray, distance: np.ndarray) -> tuple[str, float, np.ndarray]:
+    """Nearest palette colour to the median of the objects' cores (pixels [N, 3], float): its
+    name ('unknown' when too far), the distance, and the median colour itself."""
     if not len(object_pixels):
-        return UNKNOWN, float("inf")
+        return UNKNOWN, float("inf"), np.full(3, np.nan, np.float32)
     # The farther half from the background: the core, not the antialiased rim.
-    core = object_pixels[distance >= np.median(distance)]
-    median = np.median(core, axis=0)
+    median = np.median(object_pixels[distance >= np.median(distance)], axis=0)
     names = list(moving_shapes.PALETTE)
     gaps = np.linalg.norm(np.asarray([moving_shapes.PALETTE[n] for n in names]) - median, axis=-1)
     best = int(gaps.argmin())
-    return (names[best] if gaps[best] <= MAX_COLOUR_DISTANCE else UNKNOWN), float(gaps[best])
+    name = names[best] if gaps[best] <= MAX_COLOUR_DISTANCE else UNKNOWN
+    return name, float(gaps[best]), median
 
 
 def _direction(centroids: np.ndarray, coherent: np.ndarray, side: int) -> str:

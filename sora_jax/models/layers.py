@@ -85,7 +85,7 @@ def dense_dot_general(kind: str) -> Callable[..., jax.Array]:
 
 def _no_promotion(*args, dtype=None, inexact=True):
   del dtype, inexact
-  return args
+  return list(args)
 
 
 def dense(features: int | Sequence[int], kernel_axes: Sequence[str | None], *, axis: int | Sequence[int] = -1,
@@ -121,9 +121,9 @@ class LayerNorm(nn.Module):
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     y = (x - mean) * lax.rsqrt(var + self.epsilon)
     if self.use_scale:
-      init = lambda names, fn: nn.with_logical_partitioning(fn, names)
-      y = y * self.param('scale', init((self.axis_name,), nn.initializers.ones_init()), x.shape[-1:])
-      y = y + self.param('bias', init((self.axis_name,), nn.initializers.zeros_init()), x.shape[-1:])
+      names = (self.axis_name,)
+      y = y * self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), names), x.shape[-1:])
+      y = y + self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), names), x.shape[-1:])
     return y
 
 
@@ -179,7 +179,7 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 class MLP(nn.Module):
-  """Transformer MLP: Dense -> GELU (tanh approximation, in f32) -> Dense. x: [..., width]."""
+  """Transformer MLP: Dense -> GELU (tanh approximation, in f32) -> Dense. x: [B, L, width]."""
   hidden: int
   dtype: Any = jnp.float32
   matmul: str = 'default'
@@ -190,4 +190,4 @@ class MLP(nn.Module):
     h = dense(self.hidden, ('embed', 'mlp'), dtype=self.dtype, matmul=self.matmul, name='fc1')(x)
     h = nn.gelu(h.astype(jnp.float32), approximate=True)  # bf16 GELU is slow on CPU and imprecise.
     h = nn.with_logical_constraint(h, ('act_batch', 'act_length', 'act_mlp'))
-    return dense(width, ('mlp', 'embed'), dtype=self.dtype, matmul=self.matmul, name='fc2')(h.astype(self.dtype))
+    return dense(width, ('mlp', 'embed'), dtype=self.dtype, matmul=self.matmul, name='fc2')(h)

@@ -1,0 +1,61 @@
+"""Every config builds with its intended mesh (abstractly, at full size) and runs for real locally."""
+
+import glob
+import importlib
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from sora_jax.training import loop
+from sora_jax.training.experiment import Experiment
+from sora_jax.training.step import make_train_step
+from tests.helpers import tiny_data_dir
+
+CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
+                 for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
+                 if not p.endswith("__init__.py"))
+
+
+def get_config(name, arg=None):
+    return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def test_there_are_configs():
+    assert {"moving_shapes", "moving_shapes_pod"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_full_size_config_inits_and_steps_abstractly_on_its_mesh(name):
+    exp = Experiment(get_config(name))  # 8 emulated devices
+    state = exp.abstract_state()
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s) for (k, v), s in
+             zip(exp.batch_shapes().items(), exp.batch_shardings(exp.batch_shapes()).values())}
+    step = jax.jit(make_train_step(exp.model, exp.flow, schedule=exp.schedule, caption_dropout=0.1,
+                                   temporal_patch=exp.temporal_patch,
+                                   grad_accum_steps=exp.config.optim.grad_accum_steps),
+                   in_shardings=(exp.state_shardings, exp.batch_shardings(batch), None),
+                   out_shardings=(exp.state_shardings, None))
+    with jax.set_mesh(exp.mesh):
+        new_state, metrics = jax.eval_shape(step, state, batch, jax.random.key(0))
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    assert metrics["loss"].shape == ()
+    params = sum(x.size for x in jax.tree.leaves(state.groups["dit"].params))
+    assert params > 1e5
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_runlocal_variant_trains_a_few_real_steps(name, tmp_path):
+    config = get_config(name, "runlocal")
+    config.data.data_dir = tiny_data_dir()
+    state = loop.train(config, str(tmp_path))
+    assert int(state.step) == config.train.num_steps
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.groups["dit"].params))
+    assert os.listdir(tmp_path / "samples")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_unknown_config_argument_is_rejected(name):
+    with pytest.raises(ValueError, match="Unknown config arguments"):
+        get_config(name, "runlocla")
