@@ -3,9 +3,9 @@
 Everything is generated locally: an example is a pure function of (seed, split, index), so the
 dataset needs no download and rebuilds bit for bit anywhere.
 
-    attributes = sample_attributes(rng, split)           # colour, shape, direction, size, ...
-    video = render_video(attributes, frames, height, width)   # uint8 [frames, height, width, 3]
-    caption = make_caption(attributes, rng, phrasing)     # "a small crimson block drifting leftwards"
+    attributes = sample_attributes(rng, split)     # colour, shape, direction, size, ...
+    video = render_video(attributes, frames, height, width)  # uint8 [frames, height, width, 3]
+    caption = make_caption(attributes, rng, phrasing)  # "a small crimson block drifting leftwards"
 
 Splits (`SPLITS`), so that evaluation measures generalisation rather than recall:
 
@@ -42,7 +42,7 @@ COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 # background, so a detector can tell them apart even in blurry generated videos.
 PALETTE = {
     "red": (230, 30, 30),
-    "green": (30, 200, 40),
+    "green": (30, 210, 40),
     "blue": (40, 70, 240),
     "yellow": (240, 220, 40),
     "magenta": (220, 40, 220),
@@ -114,7 +114,10 @@ SHAPE_WORDS = {
     "circle": Words(("circle", "disc"), ("ball",)),
     "triangle": Words(("triangle", "wedge"), ("triangular tile",)),
 }
-SIZE_WORDS = {"small": Words(("small", "little"), ("tiny",)), "large": Words(("large", "big"), ("huge",))}
+SIZE_WORDS = {
+    "small": Words(("small", "little"), ("tiny",)),
+    "large": Words(("large", "big"), ("huge",)),
+}
 # (finite, participle) forms: "a square slides left" / "a square sliding left".
 VERBS = Words(
     (("moves", "moving"), ("slides", "sliding"), ("drifts", "drifting")),
@@ -256,10 +259,11 @@ def make_caption(attrs: Attributes, rng: np.random.Generator, phrasing: str = "t
         options = words.train if phrasing == "train" else words.train + words.heldout
         return options[rng.integers(len(options))]
 
-    size_class = "small" if attrs.size < SMALL_BELOW else "large" if attrs.size > LARGE_ABOVE else None
-    size_word = pick(SIZE_WORDS[size_class]) if size_class else ""
-    if rng.random() >= SIZE_WORD_PROBABILITY:
-        size_word = ""
+    size_class = ("small" if attrs.size < SMALL_BELOW else
+                  "large" if attrs.size > LARGE_ABOVE else None)
+    size_word = ""
+    if size_class and rng.random() < SIZE_WORD_PROBABILITY:
+        size_word = pick(SIZE_WORDS[size_class])
     desc = " ".join(w for w in (size_word, pick(COLOUR_WORDS[attrs.colour]),
                                 pick(SHAPE_WORDS[attrs.shape])) if w)
     if attrs.direction == "still":
@@ -279,7 +283,8 @@ def make_caption(attrs: Attributes, rng: np.random.Generator, phrasing: str = "t
 
 def make_example(seed: int, split: str, index: int, frames: int, height: int,
                  width: int) -> dict[str, Any]:
-    """Example `index` of `split`, as the builder stores it (video: uint8 [frames, height, width, 3])."""
+    """Example `index` of `split` as the builder stores it; video: uint8 [frames, height, width, 3]
+    and the attributes by name (background by index)."""
     rng = np.random.default_rng((seed, list(SPLITS).index(split), index))
     attrs = sample_attributes(rng, split)
     return {
@@ -330,7 +335,6 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
                              f"{self.height}x{self.width}")
 
 
-
 class MovingShapes(tfds.core.GeneratorBasedBuilder):
     """Captioned videos of one coloured shape moving on a plain background, generated locally."""
 
@@ -366,7 +370,8 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
             builder=self,
             description=__doc__,
             features=tfds.features.FeaturesDict({
-                # Flat backgrounds compress well: zlib makes the files ~10x smaller.
+                # array_record compresses records anyway; zlib-encoding the flat frames first
+                # (~30x smaller) makes writing ~2.5x and reading ~2x faster.
                 "video": tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3),
                                               dtype=np.uint8,
                                               encoding=tfds.features.Encoding.ZLIB),

@@ -18,6 +18,7 @@ videos (`score`) cannot be gamed by the generator and need no training:
 import collections
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ FOREGROUND_DISTANCE = 80.0
 # Palette entries are >= 150 apart: a colour further than half that from all of them is unknown.
 MAX_COLOUR_DISTANCE = 75.0
 MIN_OBJECT_FRACTION = 0.95  # of the foreground pixels, held by the one object
-MIN_SHAPE_IOU = 0.75  # dataset objects score >= 0.85 even at 16x16
+MIN_SHAPE_IOU = 0.75  # dataset objects score >= 0.98 even at 16x16; leaves room for blur
 STILL_BELOW = moving_shapes.SPEED_RANGE[0] / 2  # clip displacement, fraction of min(h, w)
 UNKNOWN = "unknown"
 
@@ -95,8 +96,9 @@ def _fit_shapes(coverage: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     scores = {}
     for shape, (fill, centroid_v) in _GEOMETRY.items():
         half = np.sqrt(area / fill) / 2
-        template = moving_shapes.shape_coverage(shape, centroid[:1], centroid[1:] - centroid_v * half,
-                                                half, h, w)[0]
+        # A triangle's centroid lies below its box centre (by a third of `half`).
+        box_centre_y = centroid[1:] - centroid_v * half
+        template = moving_shapes.shape_coverage(shape, centroid[:1], box_centre_y, half, h, w)[0]
         scores[shape] = np.minimum(template, coverage).sum() / np.maximum(template, coverage).sum()
     return scores, centroid
 
@@ -178,11 +180,12 @@ def _direction(centroids: np.ndarray, coherent: np.ndarray, side: int) -> str:
     return max(moving, key=lambda d: np.dot(moving_shapes.DIRECTION_VECTORS[d], displacement))
 
 
-def score(videos: Sequence[np.ndarray], attributes: Sequence[Mapping[str, str]]) -> dict[str, float]:
+def score(videos: Sequence[np.ndarray], attributes: Sequence[Mapping[str, Any]]
+          ) -> dict[str, float | int]:
     """Prompt adherence of videos (each uint8 [T, H, W, 3]) to attribute names, e.g. from
     `pipeline.eval_prompts`: accuracies per attribute, of all three at once, and the fraction of
     all frames that are coherent."""
-    if len(videos) != len(attributes):
+    if not len(videos) or len(videos) != len(attributes):
         raise ValueError(f"{len(videos)} videos but {len(attributes)} attribute sets")
     detections = [detect(np.asarray(v)) for v in videos]
 

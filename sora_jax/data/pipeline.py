@@ -1,0 +1,111 @@
+"""Input pipeline: tensorflow-datasets builders, written as array_record and read with grain.
+
+    loader = make_loader(name='moving_shapes', builder_config='f9_s32', data_dir=None,
+                         split='train', batch_size=32, seed=0)
+    batch = next(iter(loader))   # {'video': float32 [32, 9, 32, 32, 3] in [-1, 1],
+                                 #  'caption': str [32], 'colour': int32 [32], ...}
+
+Any tfds builder whose examples have a uint8 'video' [T, H, W, 3] and a Text 'caption' works; its
+ClassLabel features become int32 labels in the batch. Each host reads a disjoint 1/process_count
+of the records, so batch sizes here are per host. The loader's iterator has `get_state()` /
+`set_state()`, which the training checkpoint stores so a resumed run sees the same next batch.
+"""
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from sora_jax.data import moving_shapes  # noqa: F401  (registers the builder with tfds)
+
+
+def get_builder(name: str, builder_config: str, data_dir: str | None = None
+                ) -> tfds.core.DatasetBuilder:
+    """The tfds builder `name/builder_config` in `data_dir` (default ~/tensorflow_datasets)."""
+    return tfds.builder(name, config=builder_config, data_dir=data_dir,
+                        file_format="array_record")
+
+
+def prepare(name: str, builder_config: str, data_dir: str | None = None
+            ) -> tfds.core.DatasetBuilder:
+    """The builder, after generating its data if not yet there (generated locally, no download).
+
+    On several hosts, prepare once before launching (or give each host its own data_dir).
+    """
+    builder = get_builder(name, builder_config, data_dir)
+    if not builder.is_prepared():
+        print(f"Generating {name}/{builder_config} into {builder.data_dir}", flush=True)
+        builder.download_and_prepare(file_format="array_record")
+    return builder
+
+
+def _label_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
+    return tuple(key for key, feature in builder.info.features.items()
+                 if isinstance(feature, tfds.features.ClassLabel))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeExample(grain.transforms.Map):
+    """A stored example -> {'video': float32 [T, H, W, 3] in [-1, 1], 'caption': str, label: int32}.
+
+    Lives in a package module: grain's spawned worker processes unpickle it by import.
+    """
+
+    labels: tuple[str, ...]
+
+    def map(self, example: dict[str, Any]) -> dict[str, Any]:
+        decoded = {
+            "video": example["video"].astype(np.float32) / 127.5 - 1,
+            "caption": example["caption"].decode("utf-8"),
+        }
+        decoded.update({key: np.int32(example[key]) for key in self.labels})
+        return decoded
+
+
+def make_loader(*, name: str, builder_config: str, data_dir: str | None, split: str,
+                batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
+                worker_count: int = 0, drop_remainder: bool = True,
+                shard_options: grain.sharding.ShardOptions | None = None) -> grain.DataLoader:
+    """Batches of `split` for this host (batch_size per host), generating the data if needed.
+
+    num_epochs=None repeats forever. shard_options defaults to one shard per JAX process, equal in
+    size on every host so all hosts take the same number of steps.
+    """
+    builder = prepare(name, builder_config, data_dir)
+    source = builder.as_data_source(split)
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source),
+        shard_options=shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True),
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        seed=seed,
+    )
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[DecodeExample(_label_names(builder)),
+                    grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)],
+        worker_count=worker_count,
+    )
+
+
+def eval_prompts(name: str, builder_config: str, data_dir: str | None, split: str,
+                 num: int) -> list[dict[str, Any]]:
+    """The first `num` examples of `split`, in a fixed order, as prompts: caption, label names and
+    the real video (uint8 [T, H, W, 3], a reference for scoring generated ones), e.g.
+    {'caption': 'a red square slides left', 'colour': 'red', 'shape': 'square', ..., 'video': ...}.
+    """
+    builder = prepare(name, builder_config, data_dir)
+    source = builder.as_data_source(split)
+    if num > len(source):
+        raise ValueError(f"{name}/{builder_config} {split} has {len(source)} examples, not {num}")
+    features = builder.info.features
+    prompts = []
+    for index in range(num):
+        example = source[index]
+        prompt = {"caption": example["caption"].decode("utf-8"), "video": example["video"]}
+        prompt.update({key: features[key].int2str(example[key]) for key in _label_names(builder)})
+        prompts.append(prompt)
+    return prompts
