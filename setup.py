@@ -36,6 +36,7 @@ setuptools.setup(
         "pillow>=10.0",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "importlib-resources>=6.0",  # tfds 4.9.10 imports it without declaring it
     ],
     extras_require={
         "dev": ["pytest>=8.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],

@@ -24,5 +24,5 @@ def tiny_config(**mesh) -> ml_collections.ConfigDict:
     config = moving_shapes.get_config("runlocal")
     config.data.data_dir = tiny_data_dir()
     if mesh:
-        config.mesh = dict(data=1, fsdp=1, tensor=1, sequence=1, **mesh)
+        config.mesh = {**dict(data=1, fsdp=1, tensor=1, sequence=1), **mesh}
     return config

@@ -18,97 +18,98 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-BACKENDS = ('xla', 'cpu', 'cudnn')
+BACKENDS = ("xla", "cpu", "cudnn")
 _MASKED = -1e30
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-              backend: str = 'xla') -> jax.Array:
-  """Multi-head attention.
+              backend: str = "xla") -> jax.Array:
+    """Multi-head attention.
 
-  q: [B, Lq, H, D]; k, v: [B, Lk, H, D], all of one dtype.
-  mask: bool, broadcastable to [B, H, Lq, Lk] (e.g. [B, 1, 1, Lk] for key padding); True = attend.
-  Returns [B, Lq, H, D] in q's dtype.
-  """
-  if backend == 'xla':
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
-  if backend == 'cpu':
-    return _cpu_attention(q, k, v, mask)
-  if backend == 'cudnn':
-    if jax.default_backend() != 'gpu':
-      raise ValueError(f"attention backend 'cudnn' needs a GPU, but JAX runs on {jax.default_backend()!r}; "
-                       f"use 'xla' (any platform) or 'cpu' (fast on CPU)")
-    dtype = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16  # cuDNN takes 16-bit only.
-    out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask,
-                                       implementation='cudnn')
-    return out.astype(q.dtype)
-  raise ValueError(f'unknown attention backend {backend!r}; valid: {", ".join(BACKENDS)}')
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D], all of one dtype.
+    mask: bool, broadcastable to [B, H, Lq, Lk] (e.g. [B, 1, 1, Lk] for key padding); True = attend.
+    Returns [B, Lq, H, D] in q's dtype.
+    """
+    if backend == "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    if backend == "cpu":
+        return _cpu_attention(q, k, v, mask)
+    if backend == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"attention backend 'cudnn' needs a GPU, but JAX runs on "
+                             f"{jax.default_backend()!r}; use 'xla' (any platform) or 'cpu' (fast on CPU)")
+        # cuDNN's kernel takes 16-bit inputs only.
+        dtype = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+        out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask,
+                                           implementation="cudnn")
+        return out.astype(q.dtype)
+    raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
 
 
 def _cpu_attention(q, k, v, mask):
-  heads = q.shape[2]
-  rows = lambda x: _pinned(einops.rearrange(x.astype(jnp.bfloat16), 'b l h d -> (b h) l d'))
-  mask = None if mask is None else jnp.asarray(mask, bool)
-  out = _rows_attention(rows(q), rows(k), rows(v), mask, heads)
-  return einops.rearrange(out, '(b h) l d -> b l h d', h=heads).astype(q.dtype)
+    heads = q.shape[2]
+    rows = lambda x: _pinned(einops.rearrange(x.astype(jnp.bfloat16), "b l h d -> (b h) l d"))
+    mask = None if mask is None else jnp.asarray(mask, bool)
+    out = _rows_attention(rows(q), rows(k), rows(v), mask, heads)
+    return einops.rearrange(out, "(b h) l d -> b l h d", h=heads).astype(q.dtype)
 
 
 def _pinned(x):
-  """x: [N, A, B], kept in row-major layout.
+    """x: [N, A, B], kept in row-major layout.
 
-  XLA otherwise folds a neighbouring transpose into the layout of a dot's operand or output, which the
-  fast bf16 matmul does not take: the dot then runs as a slow f32 one, or fails at run time. Passing
-  the array through a barrier as a flattened matrix leaves only the row-major layout.
-  """
-  n, a, b = x.shape
-  return lax.optimization_barrier(x.reshape(n * a, b)).reshape(n, a, b)
+    XLA otherwise folds a neighbouring transpose into the layout of a dot's operand or output, which the
+    fast bf16 matmul does not take: the dot then runs as a slow f32 one, or fails at run time. Passing
+    the array through a barrier as a flattened matrix leaves only the row-major layout.
+    """
+    n, a, b = x.shape
+    return lax.optimization_barrier(x.reshape(n * a, b)).reshape(n, a, b)
 
 
 def _transposed(x):
-  """x: [N, A, B] -> [N, B, A], as a row-major copy (see `_pinned`)."""
-  return _pinned(jnp.swapaxes(_pinned(x), 1, 2))
+    """x: [N, A, B] -> [N, B, A], as a row-major copy (see `_pinned`)."""
+    return _pinned(jnp.swapaxes(_pinned(x), 1, 2))
 
 
 def _einsum(spec, a, b):
-  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
 def _masked(x, mask, heads, fill):
-  """x: [B*H, Lq, Lk]; mask broadcastable to [B, H, Lq, Lk]."""
-  if mask is None:
-    return x
-  x4 = x.reshape(-1, heads, *x.shape[1:])
-  return jnp.where(mask, x4, fill).reshape(x.shape)
+    """x: [B*H, Lq, Lk]; mask broadcastable to [B, H, Lq, Lk]."""
+    if mask is None:
+        return x
+    x4 = x.reshape(-1, heads, *x.shape[1:])
+    return jnp.where(mask, x4, fill).reshape(x.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _rows_attention(q, k, v, mask, heads):
-  return _rows_attention_fwd(q, k, v, mask, heads)[0]
+    return _rows_attention_fwd(q, k, v, mask, heads)[0]
 
 
 def _rows_attention_fwd(q, k, v, mask, heads):
-  """q: [B*H, Lq, D]; k, v: [B*H, Lk, D], bf16. Returns ([B*H, Lq, D] f32, residuals)."""
-  s = _masked(_einsum('nqd,nkd->nqk', q, k) / math.sqrt(q.shape[-1]), mask, heads, _MASKED)
-  p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-  p = (p / jnp.sum(p, axis=-1, keepdims=True)).astype(jnp.bfloat16)
-  out = _pinned(_einsum('nqk,nkd->nqd', p, v))
-  return out, (q, k, v, mask, p, out)
+    """q: [B*H, Lq, D]; k, v: [B*H, Lk, D], bf16. Returns ([B*H, Lq, D] f32, residuals)."""
+    s = _masked(_einsum("nqd,nkd->nqk", q, k) / math.sqrt(q.shape[-1]), mask, heads, _MASKED)
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    p = (p / jnp.sum(p, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    out = _pinned(_einsum("nqk,nkd->nqd", p, v))
+    return out, (q, k, v, mask, p, out)
 
 
 def _rows_attention_bwd(heads, residuals, d_out):
-  """The standard softmax-attention backward, with the two products that contract over queries
-  (dk = ds^T q, dv = p^T do) computed transposed (dk^T = q^T ds) so only [tokens, head_dim] arrays,
-  never [tokens, tokens] ones, need a transposed copy."""
-  q, k, v, mask, p, out = residuals
-  d_out16 = _pinned(d_out.astype(jnp.bfloat16))
-  dp = _einsum('nqd,nkd->nqk', d_out16, v)
-  delta = jnp.sum(d_out * out, axis=-1, keepdims=True)  # = rowsum(p * dp)
-  ds = p.astype(jnp.float32) * (dp - delta) / math.sqrt(q.shape[-1])
-  ds = _masked(ds, mask, heads, 0.0).astype(jnp.bfloat16)
-  dq = _pinned(_einsum('nqk,nkd->nqd', ds, k))
-  dk = _transposed(_einsum('ndq,nqk->ndk', _transposed(q), ds))
-  dv = _transposed(_einsum('ndq,nqk->ndk', _transposed(d_out16), p))
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    """The standard softmax-attention backward, with the two products that contract over queries
+    (dk = ds^T q, dv = p^T do) computed transposed (dk^T = q^T ds) so only [tokens, head_dim] arrays,
+    never [tokens, tokens] ones, need a transposed copy."""
+    q, k, v, mask, p, out = residuals
+    d_out16 = _pinned(d_out.astype(jnp.bfloat16))
+    dp = _einsum("nqd,nkd->nqk", d_out16, v)
+    delta = jnp.sum(d_out * out, axis=-1, keepdims=True)  # = rowsum(p * dp)
+    ds = p.astype(jnp.float32) * (dp - delta) / math.sqrt(q.shape[-1])
+    ds = _masked(ds, mask, heads, 0.0).astype(jnp.bfloat16)
+    dq = _pinned(_einsum("nqk,nkd->nqd", ds, k))
+    dk = _transposed(_einsum("ndq,nqk->ndk", _transposed(q), ds))
+    dv = _transposed(_einsum("ndq,nqk->ndk", _transposed(d_out16), p))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _rows_attention.defvjp(_rows_attention_fwd, _rows_attention_bwd)

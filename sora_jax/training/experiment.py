@@ -115,6 +115,11 @@ class Experiment:
         pt, ph, pw = self.config.model.patch_size
         return (t // pt) * (h // ph) * (w // pw)
 
+    def train_flops_per_step(self) -> float:
+        """Model FLOPs of one training step: forward + backward (3x forward) over the global batch."""
+        forward = self.model.flops_per_example(self.latent_shape[:3], self.config.text.max_length)
+        return 3.0 * forward * self.config.data.batch_size
+
     # State ------------------------------------------------------------------------------------
 
     def _init_boxed(self, rng: jax.Array) -> state_lib.TrainState:
@@ -142,8 +147,10 @@ class Experiment:
 
     def init_state(self, rng: jax.Array) -> state_lib.TrainState:
         """A freshly initialised state, created directly in its sharded layout."""
+        # No mesh in context: flax's DenseGeneral would constrain its flattened kernel with the
+        # full-rank spec. out_shardings alone places every array.
         init = lambda r: nn.meta.unbox(self._init_boxed(r))
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with nn.logical_axis_rules(self.rules):
             return jax.jit(init, out_shardings=self.state_shardings)(rng)
 
     # Text -------------------------------------------------------------------------------------
