@@ -30,7 +30,6 @@ def main(argv):
 
     from sora_jax.training import metrics
     from sora_jax.training.experiment import Experiment
-    from sora_jax.training.step import make_train_step
 
     exp = Experiment(_CONFIG.value)
     c = exp.config
@@ -43,14 +42,9 @@ def main(argv):
     }
     batch = jax.device_put(batch, exp.batch_shardings(batch))
     state = exp.init_state(jax.random.key(0))
-    step = jax.jit(
-        make_train_step(exp.model, exp.flow, schedule=exp.schedule,
-                        caption_dropout=c.text.caption_dropout, temporal_patch=exp.temporal_patch,
-                        grad_accum_steps=c.optim.grad_accum_steps),
-        in_shardings=(exp.state_shardings, exp.batch_shardings(batch), None),
-        out_shardings=(exp.state_shardings, None), donate_argnums=0)
+    step = exp.jit_train_step()
     times = []
-    with jax.set_mesh(exp.mesh):
+    with exp.activate():
         compile_start = time.perf_counter()
         state, m = step(state, batch, jax.random.key(1))
         jax.block_until_ready(m)

@@ -10,7 +10,6 @@ import pytest
 
 from sora_jax.training import loop
 from sora_jax.training.experiment import Experiment
-from sora_jax.training.step import make_train_step
 from tests.helpers import tiny_data_dir
 
 CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
@@ -32,12 +31,8 @@ def test_full_size_config_inits_and_steps_abstractly_on_its_mesh(name):
     state = exp.abstract_state()
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s) for (k, v), s in
              zip(exp.batch_shapes().items(), exp.batch_shardings(exp.batch_shapes()).values())}
-    step = jax.jit(make_train_step(exp.model, exp.flow, schedule=exp.schedule, caption_dropout=0.1,
-                                   temporal_patch=exp.temporal_patch,
-                                   grad_accum_steps=exp.config.optim.grad_accum_steps),
-                   in_shardings=(exp.state_shardings, exp.batch_shardings(batch), None),
-                   out_shardings=(exp.state_shardings, None))
-    with jax.set_mesh(exp.mesh):
+    step = exp.jit_train_step(donate=False)
+    with exp.activate():
         new_state, metrics = jax.eval_shape(step, state, batch, jax.random.key(0))
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert metrics["loss"].shape == ()

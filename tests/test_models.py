@@ -332,7 +332,8 @@ def reference_grads(params):
 def test_remat_policies_give_the_same_gradients(params, reference_grads, options):
     loss, grads = _loss_and_grads(_perturbed(params), **options)
     np.testing.assert_allclose(loss, reference_grads[0], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, reference_grads[1])
+    for grad, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads[1])):
+        np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-6)
 
 
 def test_unknown_remat_policy_is_rejected():
@@ -340,7 +341,7 @@ def test_unknown_remat_policy_is_rejected():
         DiT(**MODEL, remat_policy="some").init(jax.random.key(0), *_inputs())
 
 
-def test_parameters_carry_logical_axis_names_with_layers_on_blocks(model):
+def test_abstract_init_gives_f32_parameters_with_logical_names_and_layers_on_blocks(model):
     specs = nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), *_inputs()))["params"]
     P = jax.sharding.PartitionSpec
     assert specs["blocks"]["attn"]["qkv"]["kernel"] == P("layers", "embed", None, "heads", "head_dim")
@@ -348,18 +349,20 @@ def test_parameters_carry_logical_axis_names_with_layers_on_blocks(model):
     assert specs["blocks"]["mlp"]["fc1"]["kernel"] == P("layers", "embed", "mlp")
     assert specs["patch_embed"]["kernel"] == P("patch", "embed")
     assert specs["text_proj"]["kernel"] == P("text_embed", "embed")
-    for path, spec in jax.tree_util.tree_leaves_with_path(specs["blocks"], is_leaf=lambda s: isinstance(s, P)):
-        assert spec[0] == "layers", path
+    block_specs = jax.tree.leaves(specs["blocks"], is_leaf=lambda s: isinstance(s, P))
+    assert block_specs and all(spec[0] == "layers" for spec in block_specs)
     shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *_inputs()))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
 
 
 def test_bf16_path_runs_forward_and_backward_close_to_f32(params, reference_grads):
-    loss, grads = _loss_and_grads(_perturbed(params), dtype=jnp.bfloat16, matmul="bf16", attention_backend="cpu")
+    loss, grads = _loss_and_grads(_perturbed(params), dtype=jnp.bfloat16, matmul="bf16",
+                                  attention_backend="cpu")
     ref_loss, ref_grads = reference_grads
     assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     np.testing.assert_allclose(loss, ref_loss, rtol=5e-2)
-    flat, ref_flat = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(tree)]) for tree in (grads, ref_grads))
+    flat, ref_flat = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(tree)])
+                      for tree in (grads, ref_grads))
     assert float(jnp.linalg.norm(flat - ref_flat) / jnp.linalg.norm(ref_flat)) < 5e-2
 
 
@@ -368,5 +371,5 @@ def test_flops_per_example_matches_xla_count_of_the_forward_pass(model, params):
     compiled = jax.jit(lambda p: model.apply({"params": p}, x, t, text, mask)).lower(params).compile()
     xla_flops = compiled.cost_analysis()["flops"] / X_SHAPE[0]
     ours = model.flops_per_example(X_SHAPE[1:4], TEXT_LEN)
-    # XLA also counts elementwise work (norms, softmax, GELU), a modest share even at this tiny width.
-    assert 0.5 * xla_flops < ours <= xla_flops
+    # XLA also counts elementwise work (norms, softmax, GELU): a tenth of the total at this tiny width.
+    assert 0.8 * xla_flops < ours <= xla_flops

@@ -1,4 +1,4 @@
-"""The one attention entry point: softmax(q k^T / sqrt(head_dim)) v over [batch, length, heads, head_dim].
+"""The one attention entry point: softmax(q k^T / sqrt(d)) v on [batch, length, heads, head_dim] arrays.
 
 The backends compute the same function; the config picks one per platform:
   'xla'    `jax.nn.dot_product_attention` lowered by XLA: the portable reference, on any platform.
@@ -11,7 +11,6 @@ all masked gets the mean of all values rather than NaN.
 """
 
 import functools
-import math
 
 import einops
 import jax
@@ -49,17 +48,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
 def _cpu_attention(q, k, v, mask):
     heads = q.shape[2]
     rows = lambda x: _pinned(einops.rearrange(x.astype(jnp.bfloat16), "b l h d -> (b h) l d"))
+    # Scaling q rather than the logits spares a pass over the [tokens, tokens] arrays.
+    scaled_q = q.astype(jnp.float32) * q.shape[-1] ** -0.5
     mask = None if mask is None else jnp.asarray(mask, bool)
-    out = _rows_attention(rows(q), rows(k), rows(v), mask, heads)
+    out = _rows_attention(rows(scaled_q), rows(k), rows(v), mask, heads)
     return einops.rearrange(out, "(b h) l d -> b l h d", h=heads).astype(q.dtype)
 
 
 def _pinned(x):
-    """x: [N, A, B], kept in row-major layout.
+    """x: [N, A, B], held in row-major layout.
 
-    XLA otherwise folds a neighbouring transpose into the layout of a dot's operand or output, which the
-    fast bf16 matmul does not take: the dot then runs as a slow f32 one, or fails at run time. Passing
-    the array through a barrier as a flattened matrix leaves only the row-major layout.
+    XLA otherwise folds a neighbouring transpose into the layout of a dot's operand or result, which the
+    fast bf16 matmul does not take: the dot then runs as a slow f32 one, or fails at run time
+    ("Unsupported element type for DotThunk::Execute"). Through a barrier as a flattened matrix, the
+    array can only be row-major.
     """
     n, a, b = x.shape
     return lax.optimization_barrier(x.reshape(n * a, b)).reshape(n, a, b)
@@ -75,11 +77,10 @@ def _einsum(spec, a, b):
 
 
 def _masked(x, mask, heads, fill):
-    """x: [B*H, Lq, Lk]; mask broadcastable to [B, H, Lq, Lk]."""
+    """x: [B*H, Lq, Lk], with fill where mask (broadcastable to [B, H, Lq, Lk]) is False."""
     if mask is None:
         return x
-    x4 = x.reshape(-1, heads, *x.shape[1:])
-    return jnp.where(mask, x4, fill).reshape(x.shape)
+    return jnp.where(mask, x.reshape(-1, heads, *x.shape[1:]), fill).reshape(x.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -88,8 +89,9 @@ def _rows_attention(q, k, v, mask, heads):
 
 
 def _rows_attention_fwd(q, k, v, mask, heads):
-    """q: [B*H, Lq, D]; k, v: [B*H, Lk, D], bf16. Returns ([B*H, Lq, D] f32, residuals)."""
-    s = _masked(_einsum("nqd,nkd->nqk", q, k) / math.sqrt(q.shape[-1]), mask, heads, _MASKED)
+    """softmax(q k^T) v for q: [B*H, Lq, D] (already scaled) and k, v: [B*H, Lk, D], all bf16.
+    Returns ([B*H, Lq, D] f32, residuals)."""
+    s = _masked(_einsum("nqd,nkd->nqk", q, k), mask, heads, _MASKED)
     p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     p = (p / jnp.sum(p, axis=-1, keepdims=True)).astype(jnp.bfloat16)
     out = _pinned(_einsum("nqk,nkd->nqd", p, v))
@@ -97,14 +99,14 @@ def _rows_attention_fwd(q, k, v, mask, heads):
 
 
 def _rows_attention_bwd(heads, residuals, d_out):
-    """The standard softmax-attention backward, with the two products that contract over queries
-    (dk = ds^T q, dv = p^T do) computed transposed (dk^T = q^T ds) so only [tokens, head_dim] arrays,
-    never [tokens, tokens] ones, need a transposed copy."""
+    """The softmax-attention backward. The two products that contract over queries (dk = ds^T q,
+    dv = p^T do) are computed transposed (dk^T = q^T ds), so that only [tokens, head_dim] arrays,
+    never [tokens, tokens] ones, need transposed copies."""
     q, k, v, mask, p, out = residuals
     d_out16 = _pinned(d_out.astype(jnp.bfloat16))
     dp = _einsum("nqd,nkd->nqk", d_out16, v)
-    delta = jnp.sum(d_out * out, axis=-1, keepdims=True)  # = rowsum(p * dp)
-    ds = p.astype(jnp.float32) * (dp - delta) / math.sqrt(q.shape[-1])
+    ds = p.astype(jnp.float32) * (dp - jnp.sum(d_out * out, axis=-1, keepdims=True))
+    # Masked logits get no gradient (p is only nonzero there in rows with no visible key).
     ds = _masked(ds, mask, heads, 0.0).astype(jnp.bfloat16)
     dq = _pinned(_einsum("nqk,nkd->nqd", ds, k))
     dk = _transposed(_einsum("ndq,nqk->ndk", _transposed(q), ds))

@@ -58,7 +58,8 @@ class Attention(nn.Module):
             q, k, v = jnp.unstack(qkv, axis=2)
         else:
             q = proj(heads, ("embed", "heads", "head_dim"), name="q")(x)
-            k, v = jnp.unstack(proj((2, *heads), ("embed", None, "heads", "head_dim"), name="kv")(context), axis=2)
+            kv = proj((2, *heads), ("embed", None, "heads", "head_dim"), name="kv")(context)
+            k, v = jnp.unstack(kv, axis=2)
         if self.qk_norm:  # Bounds the attention logits, whose growth destabilises training at scale.
             q = RMSNorm("head_dim", name="q_norm")(q)
             k = RMSNorm("head_dim", name="k_norm")(k)
@@ -66,7 +67,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (nn.with_logical_constraint(a.astype(self.dtype), _HEADS) for a in (q, k, v))
         out = attention(q, k, v, mask=mask, backend=self.backend)
-        return proj(width, ("heads", "head_dim", "embed"), axis=(-2, -1), kernel_init=self.out_init, name="out")(out)
+        return proj(width, ("heads", "head_dim", "embed"), axis=(-2, -1), kernel_init=self.out_init,
+                    name="out")(out)
 
 
 class DiTBlock(nn.Module):
@@ -156,7 +158,8 @@ class DiT(nn.Module):
         Returns the prediction, [B, T, H, W, C] in x's dtype.
         """
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}")
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; "
+                             f"valid: {', '.join(REMAT_POLICIES)}")
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
         batch, *shape, channels = x.shape
@@ -174,8 +177,8 @@ class DiT(nn.Module):
         drop = ~jnp.any(text_mask, axis=-1)
         if drop_text is not None:
             drop = drop | drop_text
-        null = self.param("null_caption", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-                          (self.width,))
+        null_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",))
+        null = self.param("null_caption", null_init, (self.width,))
         context = jnp.where(drop[:, None, None], null, context)
         context_mask = jnp.where(drop[:, None], jnp.arange(text_mask.shape[1]) == 0, text_mask)
 
@@ -188,7 +191,8 @@ class DiT(nn.Module):
         block = DiTBlock
         if self.remat_policy != "none":
             # A loop already keeps XLA from merging the recomputation back into the forward pass.
-            block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy],
+                             prevent_cse=not self.scan_layers)
         blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast,) * 4, length=self.depth,
                          unroll=1 if self.scan_layers else self.depth,

@@ -67,7 +67,8 @@ def bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     kernel gets an f32 gradient.
     """
     del precision, preferred_element_type  # Fixed: bf16 operands, f32 results.
-    dimension_numbers = tuple(tuple(tuple(int(d) for d in axes) for axes in pair) for pair in dimension_numbers)
+    # Hashable, of plain ints: a static argument of the custom_vjp.
+    dimension_numbers = tuple(tuple(tuple(map(int, axes)) for axes in pair) for pair in dimension_numbers)
     return _bf16_dot_general(lhs, rhs, dimension_numbers, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype))
 
 
@@ -80,27 +81,49 @@ def dense_dot_general(kind: str) -> Callable[..., jax.Array]:
     raise ValueError(f"unknown matmul {kind!r}; valid: {', '.join(MATMULS)}")
 
 
-def _unpromoted(*args, dtype=None, inexact=True):
-    return list(args)
+class Dense(nn.Module):
+    """A dense layer over one or more contracted axes whose kernel and bias carry logical names.
+
+    Unlike `nn.DenseGeneral`, the kernel is created at its full rank (the initializer sees the
+    flattened fan-in/fan-out), so its logical names always match its shape, also under a mesh.
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    axis: tuple[int, ...] = (-1,)
+    kernel_init: Callable = nn.initializers.xavier_uniform()
+    dtype: Any = None
+    matmul: str = "default"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        axis = tuple(a % x.ndim for a in self.axis)
+        in_shape = tuple(x.shape[a] for a in axis)
+        fan = (math.prod(in_shape), math.prod(self.features))
+        init = lambda key, shape, dtype: self.kernel_init(key, fan, dtype).reshape(shape)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                            in_shape + self.features, jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(
+            nn.initializers.zeros_init(), self.kernel_axes[len(axis):]), self.features, jnp.float32)
+        if self.matmul == "default" and self.dtype is not None:
+            x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        dims = ((axis, tuple(range(len(axis)))), ((), ()))
+        y = dense_dot_general(self.matmul)(x, kernel, dims)
+        # dot_general puts the remaining input axes first, then the features.
+        return y + bias.astype(y.dtype)
 
 
 def dense(features: int | Sequence[int], kernel_axes: Sequence[str | None], *,
           axis: int | Sequence[int] = -1, kernel_init: Callable = nn.initializers.xavier_uniform(),
-          dtype: Any = None, matmul: str = "default", name: str | None = None) -> nn.DenseGeneral:
-    """An `nn.DenseGeneral` whose kernel and bias carry logical axis names.
+          dtype: Any = None, matmul: str = "default", name: str | None = None) -> Dense:
+    """A `Dense` layer; kernel_axes names the contracted input axes, then the `features` axes.
 
-    kernel_axes: a name per kernel axis: the contracted input axes, then the `features` axes.
     dtype: compute dtype of the 'default' matmul. The 'bf16' matmul casts its operands itself, so the
       layer hands them over as they are and an f32 kernel's gradient is accumulated and kept in f32.
     """
-    bias_axes = tuple(kernel_axes[-(1 if isinstance(features, int) else len(features)):])
-    return nn.DenseGeneral(
-        features, axis=axis, dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(kernel_init, tuple(kernel_axes)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes),
-        dot_general=dense_dot_general(matmul),
-        promote_dtype=_unpromoted if matmul == "bf16" else nn.dtypes.promote_dtype,
-        name=name)
+    features = (features,) if isinstance(features, int) else tuple(features)
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    return Dense(features, tuple(kernel_axes), axis, kernel_init, dtype, matmul, name=name)
 
 
 def _scale_param(module: nn.Module, name: str, axis_name: str, size: int, init: Callable) -> jax.Array:

@@ -27,7 +27,8 @@ def patchify(x: jax.Array, patch_size: Sequence[int]) -> jax.Array:
     return einops.rearrange(x, "b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
 
 
-def unpatchify(tokens: jax.Array, grid: Sequence[int], patch_size: Sequence[int], channels: int) -> jax.Array:
+def unpatchify(tokens: jax.Array, grid: Sequence[int], patch_size: Sequence[int],
+               channels: int) -> jax.Array:
     """The inverse of `patchify`: tokens [B, t*h*w, pt*ph*pw*C] on grid (t, h, w) -> [B, T, H, W, C]."""
     (t, h, w), (pt, ph, pw) = grid, patch_size
     return einops.rearrange(tokens, "b (t h w) (pt ph pw c) -> b (t pt) (h ph) (w pw) c",
@@ -105,9 +106,10 @@ def rope_3d(grid: Sequence[int], head_dim: int, theta: float = 10000.0) -> tuple
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates pairs (x[i], x[i + D/2]) of x [B, L, H, D] by the angles of cos, sin [L or B L, D/2]; f32 out."""
-    if cos.ndim == 2:
-        cos, sin = cos[None], sin[None]
-    cos, sin = cos[:, :, None], sin[:, :, None]
+    """Rotates each pair (x[..., i], x[..., i + D/2]) of x: [B, L, H, D] by its angle.
+
+    cos, sin: [L, D/2], or [B, L, D/2] for positions that differ per example. Returns f32.
+    """
+    cos, sin = cos[..., None, :], sin[..., None, :]  # Shared by the heads.
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)

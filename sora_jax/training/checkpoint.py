@@ -41,6 +41,10 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True),
+            # Named handlers let a fresh manager read an item's metadata before restoring it.
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
@@ -62,9 +66,19 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(**items))
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
-        """Raises CheckpointMismatchError naming every array whose shape differs."""
-        saved = self._manager.item_metadata(step)["state"]
-        problems = _shape_mismatches(saved, abstract_state)
+        """Raises CheckpointMismatchError naming every parameter whose shape differs.
+
+        Parameters are nested dicts on both sides, so their paths compare directly; the optimizer
+        state follows from them.
+        """
+        saved = self._manager.item_metadata(step)["state"].tree
+        problems = []
+        for name, group in abstract_state.groups.items():
+            saved_group = saved.get("groups", {}).get(name)
+            if saved_group is None:
+                problems.append(f"group {name!r}: missing in checkpoint")
+                continue
+            problems += [f"{name}{p}" for p in _shape_mismatches(saved_group["params"], group.params)]
         if problems:
             listing = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
             raise CheckpointMismatchError(

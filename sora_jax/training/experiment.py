@@ -6,6 +6,7 @@ the same thing to each of them. Nothing here runs a training step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -24,6 +25,7 @@ from sora_jax.models.dit import DiT
 from sora_jax.models.vae import get_autoencoder
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import state as state_lib
+from sora_jax.training.step import make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -95,6 +97,12 @@ class Experiment:
         self.tx = state_lib.adamw(self.schedule, b1=c.optim.b1, b2=c.optim.b2,
                                   weight_decay=c.optim.weight_decay, grad_clip=c.optim.grad_clip)
 
+    @contextlib.contextmanager
+    def activate(self):
+        """The mesh and logical-axis rules under which the model's steps are traced."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
     # Shapes -----------------------------------------------------------------------------------
 
     def batch_shapes(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
@@ -153,6 +161,24 @@ class Experiment:
         with nn.logical_axis_rules(self.rules):
             return jax.jit(init, out_shardings=self.state_shardings)(rng)
 
+    # Steps ------------------------------------------------------------------------------------
+
+    def jit_train_step(self, *, donate: bool = True, caption_dropout: float | None = None,
+                       grad_accum_steps: int | None = None):
+        """train_step(state, batch, rng) -> (state, metrics), jitted with this mesh's shardings."""
+        c = self.config
+        step = make_train_step(
+            self.model, self.flow, tx=self.tx, schedule=self.schedule, ema_decay=c.optim.ema_decay,
+            caption_dropout=c.text.caption_dropout if caption_dropout is None else caption_dropout,
+            temporal_patch=self.temporal_patch,
+            grad_accum_steps=grad_accum_steps or c.optim.grad_accum_steps)
+        replicated = mesh_lib.replicated(self.mesh)
+        return jax.jit(step,
+                       in_shardings=(self.state_shardings,
+                                     self.batch_shardings(self.batch_shapes()), replicated),
+                       out_shardings=(self.state_shardings, replicated),
+                       donate_argnums=(0,) if donate else ())
+
     # Text -------------------------------------------------------------------------------------
 
     @functools.cached_property
@@ -182,7 +208,7 @@ class Experiment:
             return jnp.clip(self.autoencoder.decode(None, latent), -1.0, 1.0)
 
         def run(params, text, text_mask, rng):
-            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            with self.activate():
                 return jitted(params, text, text_mask, rng)
 
         jitted = jax.jit(sample)

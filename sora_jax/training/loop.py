@@ -25,7 +25,7 @@ from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training.checkpoint import Checkpointer
 from sora_jax.training.experiment import Experiment, to_uint8
-from sora_jax.training.step import make_eval_step, make_train_step
+from sora_jax.training.step import make_eval_step
 from sora_jax.training.text_cache import CachedTextEncoder
 
 
@@ -117,15 +117,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
         text, mask = text_encoder(list(host["caption"]))
         return _global_batch(exp, np.asarray(encode_video(host["video"])), text, mask)
 
-    batch_shardings = exp.batch_shardings(exp.batch_shapes())
-    replicated = mesh_lib.replicated(exp.mesh)
-    train_step = jax.jit(
-        make_train_step(exp.model, exp.flow, schedule=exp.schedule,
-                        caption_dropout=c.text.caption_dropout, temporal_patch=exp.temporal_patch,
-                        grad_accum_steps=c.optim.grad_accum_steps),
-        in_shardings=(exp.state_shardings, batch_shardings, replicated),
-        out_shardings=(exp.state_shardings, replicated),
-        donate_argnums=0)
+    train_step = exp.jit_train_step()
     eval_step = jax.jit(make_eval_step(exp.model, exp.flow, time_bins=tuple(c.train.time_bins),
                                        temporal_patch=exp.temporal_patch))
     # A fixed validation set, fixed noise and fixed sample prompts: comparable across steps and runs.
@@ -177,7 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
 
     def evaluate(step: int) -> None:
         rng = jax.random.key(c.seed + 2)
-        with jax.set_mesh(exp.mesh):
+        with exp.activate():
             per_bin = np.mean([np.asarray(eval_step(state, b, rng)) for b in val_batches], axis=0)
         scalars = {f"val/loss_t{t:.1f}": float(v) for t, v in zip(c.train.time_bins, per_bin)}
         scalars["val/loss"] = float(np.mean(per_bin))
@@ -199,7 +191,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
     progress = tqdm.tqdm(total=c.train.num_steps, initial=start, desc="train", unit="step",
                          mininterval=10, disable=jax.process_index() != 0)
     step = start
-    with _Preemption() as preemption, jax.set_mesh(exp.mesh):
+    with _Preemption() as preemption, exp.activate():
         while step < c.train.num_steps:
             if preemption.requested:
                 logging.warning("SIGTERM: saving a checkpoint at step %d before exiting.", step)

@@ -21,21 +21,19 @@ class Group(struct.PyTreeNode):
     params: Any
     ema_params: Any
     opt_state: Any
-    tx: optax.GradientTransformation = struct.field(pytree_node=False)
-    ema_decay: float = struct.field(pytree_node=False, default=0.0)
 
     @classmethod
     def create(cls, params, tx: optax.GradientTransformation, ema_decay: float) -> "Group":
         ema = jax.tree.map(jnp.copy, params) if ema_decay > 0 else None
-        return cls(params=params, ema_params=ema, opt_state=tx.init(params), tx=tx,
-                   ema_decay=ema_decay)
+        return cls(params=params, ema_params=ema, opt_state=tx.init(params))
 
-    def apply_gradients(self, grads) -> "Group":
-        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    def apply_gradients(self, grads, tx: optax.GradientTransformation, ema_decay: float) -> "Group":
+        """One optimizer update; the optimizer lives outside the state, which is arrays only."""
+        updates, opt_state = tx.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
         ema = self.ema_params
         if ema is not None:
-            ema = optax.incremental_update(params, ema, 1.0 - self.ema_decay)
+            ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
         return self.replace(params=params, ema_params=ema, opt_state=opt_state)
 
     @property

@@ -48,9 +48,9 @@ def flow_loss(model: nn.Module, flow: RectifiedFlow, params, batch: Batch) -> ja
     return jnp.mean(flow.loss(prediction, x0, noise, t))
 
 
-def make_train_step(model: nn.Module, flow: RectifiedFlow, *, schedule: optax.Schedule,
-                    caption_dropout: float, temporal_patch: int, grad_accum_steps: int = 1,
-                    group: str = "dit") -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+def make_train_step(model: nn.Module, flow: RectifiedFlow, *, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, ema_decay: float, caption_dropout: float,
+                    temporal_patch: int, grad_accum_steps: int = 1, group: str = "dit") -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """Returns train_step(state, batch, rng) -> (state, metrics).
 
     With grad_accum_steps = k the batch (with its noise, drawn once for the whole batch) is split
@@ -79,10 +79,10 @@ def make_train_step(model: nn.Module, flow: RectifiedFlow, *, schedule: optax.Sc
             loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
         }
-        groups = {**state.groups, group: g.apply_gradients(grads)}
+        groups = {**state.groups, group: g.apply_gradients(grads, tx, ema_decay)}
         return state.replace(step=state.step + 1, groups=groups), metrics
 
     return train_step
