@@ -28,7 +28,8 @@ def get_config(arg: str | None = None):
         config.sampling.update(steps=50, guidance=5.0)
         config.eval.update(num_prompts=512, batch_size=64)
         config.diffusion.update(shift=3.0)  # 16x more values per clip than the CPU default
-    config.model.update(dtype="bfloat16", scan_layers=True, remat_policy="dots")
+    config.model.update(dtype="bfloat16", matmul="default", attention_backend="xla",
+                        scan_layers=True, remat_policy="dots")
     # On one CPU device `runlocal` keeps the layout but cannot split heads two ways.
     config.mesh = dict(data=1, fsdp=-1, tensor=1 if runlocal else 2, sequence=1)
     return config

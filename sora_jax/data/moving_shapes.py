@@ -344,13 +344,15 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
         MovingShapesConfig(name="tiny", description="5 frames of 16x16, for tests.",
                            frames=5, height=16, width=16,
                            num_train=256, num_validation=64, num_test=64),
-        MovingShapesConfig(name="f9_s32", description="9 frames of 32x32, the CPU default.",
+        MovingShapesConfig(name="f9_s16", description="9 frames of 16x16, the CPU default.",
+                           frames=9, height=16, width=16),
+        MovingShapesConfig(name="f9_s32", description="9 frames of 32x32.",
                            frames=9, height=32, width=32),
         MovingShapesConfig(name="f17_s64", description="17 frames of 64x64.",
                            frames=17, height=64, width=64,
                            num_train=50_000, num_validation=1_000, num_test=1_000),
     ]
-    DEFAULT_CONFIG_NAME = "f9_s32"
+    DEFAULT_CONFIG_NAME = "f9_s16"
 
     def __init__(self, *, file_format: str = "array_record", **kwargs):
         # array_record by default: random access for grain, and no TensorFlow needed to write it.

@@ -22,6 +22,8 @@ from sora_jax.models.attention import attention
 from sora_jax.models.layers import MLP, LayerNorm, RMSNorm, TimestepEmbedder, dense, modulate
 from sora_jax.models.patch import apply_rope, grid_size, patchify, rope_3d, unpatchify
 
+# What each block keeps for the backward pass: everything ('none'), only its input ('full': the
+# block is recomputed), or also its matmul outputs ('dots').
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
