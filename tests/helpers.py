@@ -1,22 +1,19 @@
 """Shared test utilities: a tiny dataset built once, and small configs."""
 
 import functools
-import os
 import tempfile
 
 import ml_collections
 
 from configs import moving_shapes
 
-_DATA_DIR = os.path.join(tempfile.gettempdir(), "sora_jax_test_tfds")
-
-
 @functools.cache
 def tiny_data_dir() -> str:
-    """The `tiny` moving_shapes dataset, built once per machine (it is deterministic)."""
+    """The `tiny` moving_shapes dataset (under a second to build), built once per test session."""
     from sora_jax.data import pipeline
-    pipeline.prepare(name="moving_shapes", builder_config="tiny", data_dir=_DATA_DIR)
-    return _DATA_DIR
+    data_dir = tempfile.mkdtemp(prefix="sora_jax_tfds_")
+    pipeline.prepare(name="moving_shapes", builder_config="tiny", data_dir=data_dir)
+    return data_dir
 
 
 def tiny_config(**mesh) -> ml_collections.ConfigDict:
