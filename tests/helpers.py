@@ -7,6 +7,7 @@ import ml_collections
 
 from configs import moving_shapes
 
+
 @functools.cache
 def tiny_data_dir() -> str:
     """The `tiny` moving_shapes dataset (under a second to build), built once per test session."""
