@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 WORKDIR ?= workdirs/moving_shapes
 CONFIG ?= configs/moving_shapes.py
-# jemalloc (Debian's libjemalloc2) removes most page faults of a CPU train step; used when present.
+# A CPU train step allocates gigabytes of fresh pages; jemalloc (Debian's libjemalloc2), where
+# present, or glibc's huge-page malloc otherwise, removes most of the page faults (~1.5x faster).
 JEMALLOC := $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2)
-RUN := $(if $(JEMALLOC),LD_PRELOAD=$(firstword $(JEMALLOC)) ,)
+RUN := $(if $(JEMALLOC),LD_PRELOAD=$(firstword $(JEMALLOC)),GLIBC_TUNABLES=glibc.malloc.hugetlb=1) 
 
 .PHONY: demo test install install-dev clean-demo
 

@@ -18,12 +18,14 @@ _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None, "Held-out prompts (defa
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: config.sampling.steps).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance scale (default: config.sampling).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_SPLIT = flags.DEFINE_string("split", None, "Dataset split (default: config.data.eval_split, held "
+                             "out); e.g. 'validation' to tune sampling settings without it.")
 _CHECKPOINT = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
 flags.mark_flags_as_required(["workdir"])
 
 
 def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, guidance=None, seed=0,
-                           checkpoint_step=None) -> dict:
+                           checkpoint_step=None, split=None) -> dict:
     """Prompt adherence of generated videos on the config's held-out split."""
     import jax
     import numpy as np
@@ -43,9 +45,10 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     data_kw = dict(name=config.data.name, builder_config=config.data.builder_config,
                    data_dir=config.data.data_dir)
     pipeline.prepare(**data_kw)
-    prompts = pipeline.eval_prompts(**data_kw, split=config.data.eval_split, num=num_prompts)
+    split = split or config.data.eval_split
+    prompts = pipeline.eval_prompts(**data_kw, split=split, num=num_prompts)
     if len(prompts) < num_prompts:
-        logging.warning("Only %d prompts in split %r.", len(prompts), config.data.eval_split)
+        logging.warning("Only %d prompts in split %r.", len(prompts), split)
     sampler = exp.make_sampler(steps=steps, guidance=guidance)
     params = state.groups["dit"].inference_params
     batch_size = config.eval.batch_size
@@ -61,12 +64,13 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     reference = detector.score(np.stack([p["video"] for p in prompts]), prompts) \
         if "video" in prompts[0] else None
     out_dir = os.path.join(workdir, "eval")
-    write_video(os.path.join(out_dir, f"step_{step:06d}_heldout.gif"), videos[:16])
+    name = f"step_{step:06d}_{split}_g{guidance:g}_s{steps}"
+    write_video(os.path.join(out_dir, name + ".gif"), videos[:16])
     result = {
         "task": config.task,
         "workdir": os.path.abspath(workdir),
         "checkpoint_step": int(step),
-        "split": config.data.eval_split,
+        "split": split,
         "num_prompts": len(prompts),
         "sampling_steps": steps,
         "guidance": guidance,
@@ -75,7 +79,7 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     }
     if reference is not None:
         result["detector_on_real_videos"] = reference
-    with open(os.path.join(out_dir, f"step_{step:06d}.json"), "w") as f:
+    with open(os.path.join(out_dir, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
 
@@ -98,7 +102,7 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     result = evaluate(_WORKDIR.value, num_prompts=_NUM_PROMPTS.value, steps=_STEPS.value,
                       guidance=_GUIDANCE.value, seed=_SEED.value,
-                      checkpoint_step=_CHECKPOINT.value)
+                      checkpoint_step=_CHECKPOINT.value, split=_SPLIT.value)
     print(json.dumps(result))
 
 
