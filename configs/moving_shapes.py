@@ -18,6 +18,7 @@ Arguments (comma separated after the colon): `runlocal`.
 from sora_jax.parallel.mesh import DEFAULT_RULES
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,7 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = dict(
         name="moving_shapes",
         builder_config="tiny" if runlocal else "f9_s16",
-        data_dir=None,  # tensorflow-datasets' default (~/tensorflow_datasets); built on first use.
+        # None: tensorflow-datasets' default (~/tensorflow_datasets). Built there on first use.
+        data_dir=config_dict.placeholder(str),
         frames=5 if runlocal else 9,
         height=16,
         width=16,

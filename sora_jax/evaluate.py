@@ -13,15 +13,7 @@ import os
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
-_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None, "Held-out prompts (default: config.eval).")
-_STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: config.sampling.steps).")
-_GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance scale (default: config.sampling).")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_SPLIT = flags.DEFINE_string("split", None, "Dataset split (default: config.data.eval_split, held "
-                             "out); e.g. 'validation' to tune sampling settings without it.")
-_CHECKPOINT = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
-flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
 
 
 def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, guidance=None, seed=0,
@@ -96,15 +88,29 @@ def evaluate(workdir: str, **kwargs) -> dict:
     return EVALUATORS[config.task](workdir, config, **kwargs)
 
 
+def define_flags():
+    """Command-line flags, defined only when run as a program so the module imports cleanly."""
+    flags.DEFINE_string("workdir", None, "A training workdir.")
+    flags.DEFINE_integer("num_prompts", None, "Held-out prompts (default: config.eval).")
+    flags.DEFINE_integer("steps", None, "Sampling steps (default: config.sampling.steps).")
+    flags.DEFINE_float("guidance", None, "Guidance scale (default: config.sampling).")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_string("split", None, "Dataset split (default: config.data.eval_split, held "
+                                 "out); e.g. 'validation' to tune sampling settings without it.")
+    flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
+    flags.mark_flags_as_required(["workdir"])
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    result = evaluate(_WORKDIR.value, num_prompts=_NUM_PROMPTS.value, steps=_STEPS.value,
-                      guidance=_GUIDANCE.value, seed=_SEED.value,
-                      checkpoint_step=_CHECKPOINT.value, split=_SPLIT.value)
+    result = evaluate(FLAGS.workdir, num_prompts=FLAGS.num_prompts, steps=FLAGS.steps,
+                      guidance=FLAGS.guidance, seed=FLAGS.seed,
+                      checkpoint_step=FLAGS.checkpoint_step, split=FLAGS.split)
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -10,18 +10,7 @@ Several --prompt flags give several videos; all samples are tiled side by side i
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.")
-_PROMPTS = flags.DEFINE_multi_string("prompt", None, "Text prompt; repeat for several.")
-_OUT = flags.DEFINE_string("out", None, "Output file: .mp4, .gif or .png (frame grid).")
-_FRAMES = flags.DEFINE_integer("frames", None, "Frames (default: the training clip length).")
-_HEIGHT = flags.DEFINE_integer("height", None, "Height in pixels (default: training height).")
-_WIDTH = flags.DEFINE_integer("width", None, "Width in pixels (default: training width).")
-_STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: config.sampling.steps).")
-_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
-_CHECKPOINT = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
-flags.mark_flags_as_required(["workdir", "prompt", "out"])
+FLAGS = flags.FLAGS
 
 
 def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=None, width=None,
@@ -59,16 +48,33 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
     return path, np.asarray(videos)
 
 
+def define_flags():
+    """Command-line flags, defined only when run as a program so the module imports cleanly."""
+    flags.DEFINE_string("workdir", None, "A training workdir.")
+    flags.DEFINE_multi_string("prompt", None, "Text prompt; repeat for several.")
+    flags.DEFINE_string("out", None, "Output file: .mp4, .gif or .png (frame grid).")
+    flags.DEFINE_integer("frames", None, "Frames (default: the training clip length).")
+    flags.DEFINE_integer("height", None, "Height in pixels (default: training height).")
+    flags.DEFINE_integer("width", None, "Width in pixels (default: training width).")
+    flags.DEFINE_integer("steps", None, "Sampling steps (default: config.sampling.steps).")
+    flags.DEFINE_float("guidance", None, "Classifier-free guidance scale.")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+    flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
+    flags.mark_flags_as_required(["workdir", "prompt", "out"])
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    path, _ = generate(_WORKDIR.value, _PROMPTS.value, _OUT.value, frames=_FRAMES.value,
-                       height=_HEIGHT.value, width=_WIDTH.value, steps=_STEPS.value,
-                       guidance=_GUIDANCE.value, seed=_SEED.value, num_samples=_NUM_SAMPLES.value,
-                       checkpoint_step=_CHECKPOINT.value)
+    path, _ = generate(FLAGS.workdir, FLAGS.prompt, FLAGS.out, frames=FLAGS.frames,
+                       height=FLAGS.height, width=FLAGS.width, steps=FLAGS.steps,
+                       guidance=FLAGS.guidance, seed=FLAGS.seed, num_samples=FLAGS.num_samples,
+                       checkpoint_step=FLAGS.checkpoint_step)
     print(path)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
