@@ -5,13 +5,12 @@ import os
 import signal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sora_jax.training import loop
 from sora_jax.training.checkpoint import CheckpointMismatchError, Checkpointer
-from sora_jax.training.experiment import Experiment, validate
+from sora_jax.training.experiment import Experiment
 from tests.helpers import tiny_config
 
 
@@ -159,6 +158,14 @@ def test_workdir_with_another_model_shape_is_refused_and_left_untouched(tmp_path
     after = {p: os.path.getmtime(os.path.join(dp, p))
              for dp, _, files in os.walk(workdir) for p in files}
     assert before == after
+
+
+def test_config_sizes_that_differ_from_the_dataset_are_refused_before_training(tmp_path):
+    config = tiny_config()
+    config.data.frames = 9  # the tiny dataset holds 5-frame clips
+    with pytest.raises(ValueError, match=r"holds clips of shape \(5, 16, 16, 3\)"):
+        loop.train(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints" / "0")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -13,7 +13,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -49,6 +48,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
                                 "Train first with `python -m sora_jax.train --workdir=...`.")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
+
+
+def check_data_shape(config: ml_collections.ConfigDict, builder) -> None:
+    """The dataset's clips must have the size the config's model and shardings are built for."""
+    stored = tuple(builder.info.features["video"].shape)
+    expected = (config.data.frames, config.data.height, config.data.width, 3)
+    if stored != expected:
+        raise ValueError(
+            f"Dataset {config.data.name}/{config.data.builder_config} holds clips of shape {stored}, "
+            f"but config.data.(frames, height, width) give {expected[:3]}; set them to "
+            f"{stored[:3]} or choose another config.data.builder_config.")
 
 
 class _Preemption:
@@ -94,7 +104,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
     save_config(c, workdir)
 
     data_kw = dict(name=c.data.name, builder_config=c.data.builder_config, data_dir=c.data.data_dir)
-    pipeline.prepare(**data_kw)
+    check_data_shape(c, pipeline.prepare(**data_kw))
     host_batch = c.data.batch_size // jax.process_count()
     train_iter = iter(pipeline.make_loader(
         **data_kw, split=c.data.train_split, batch_size=host_batch, seed=c.seed, shuffle=True,
@@ -134,12 +144,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
     peak = metrics_lib.peak_flops_per_device(exp.model.dtype) * jax.device_count()
     base_rng = jax.random.key(c.seed + 1)
     pending: list[tuple[int, dict]] = []
-    last_good = start
     window_start, window_steps = time.perf_counter(), 0
 
     def check_and_log(step: int) -> None:
         """Fetches pending metrics; stops on a non-finite loss; logs means over the window."""
-        nonlocal window_start, window_steps, last_good
+        nonlocal window_start, window_steps
         fetched = jax.device_get(pending)
         pending.clear()
         for s, m in fetched:
@@ -151,7 +160,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
                     "config.optim.learning_rate or raise config.optim.warmup_steps, then rerun.")
         if not fetched:
             return
-        last_good = step
         elapsed = time.perf_counter() - window_start
         steps_per_s = window_steps / max(elapsed, 1e-9)
         scalars = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]}
