@@ -42,6 +42,6 @@ setuptools.setup(
         "dev": ["pytest>=8.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # torch==2.13.0 resolves to the CPU wheel on the project's CPU machines; on a machine with
         # CUDA wheels in its index, install torch from https://download.pytorch.org/whl/cpu first.
-        "interop": ["torch==2.13.0", "transformers>=4.40", "sentence-transformers>=3.0"],
+        "interop": ["torch==2.13.0", "transformers>=4.40", "sentence-transformers>=3.0", "diffusers>=0.35"],
     },
 )

@@ -1,11 +1,13 @@
 r"""Evaluates a trained workdir and prints one JSON object.
 
-  python -m sora_jax.evaluate --workdir=DIR [--num_prompts N]
+  python -m sora_jax.evaluate --workdir=DIR [--num_prompts N | --num_videos N]
 
 The task comes from the workdir's saved config. For text-to-video, videos are generated for
 held-out prompts (attribute combinations and phrasings never seen in training) and an analytic
 detector reads colour, shape, motion direction and per-frame coherence from their pixels; the same
 detector's scores on the real videos of those prompts are reported beside them as its reference.
+For a VAE, held-out clips are encoded and decoded, and the JSON gives reconstruction PSNR and SSIM
+at the VAE's compression; originals above reconstructions go to DIR/eval/*.gif.
 """
 
 import json
@@ -75,7 +77,70 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     return result
 
 
-EVALUATORS = {"text_to_video": evaluate_text_to_video}
+def evaluate_vae(workdir, config, *, num_videos=None, seed=0, checkpoint_step=None, split=None,
+                 **unused) -> dict:
+    """Reconstruction PSNR and SSIM of a VAE on held-out clips; writes originals above
+    reconstructions, side by side."""
+    if any(v is not None for v in unused.values()):
+        raise ValueError(f"Options {sorted(k for k, v in unused.items() if v is not None)} do not "
+                         "apply to a VAE workdir.")
+    import jax
+    import numpy as np
+
+    from sora_jax.data import pipeline
+    from sora_jax.data.video_io import write_video
+    from sora_jax.eval import reconstruction as metrics
+    from sora_jax.training.experiment import to_uint8
+    from sora_jax.training.vae_experiment import load_vae
+
+    del seed  # the posterior mean is deterministic
+    vae, params = load_vae(workdir, checkpoint_step)
+    step = checkpoint_step
+    split = split or config.data.eval_split
+    num_videos = num_videos or config.eval.num_videos
+    loader = pipeline.make_loader(
+        name=config.data.name, builder_config=config.data.builder_config,
+        data_dir=config.data.data_dir, split=split, batch_size=config.eval.batch_size, seed=0,
+        shuffle=False, num_epochs=1, drop_remainder=False,
+        shard_options=None)
+    reconstruct = jax.jit(lambda p, v: jax.numpy.clip(vae.decode(p, vae.encode(p, v)), -1, 1))
+    originals, recons = [], []
+    for batch in loader:
+        originals.append(batch["video"])
+        recons.append(np.asarray(reconstruct(params, batch["video"])))
+        if sum(len(o) for o in originals) >= num_videos:
+            break
+    originals = np.concatenate(originals)[:num_videos]
+    recons = np.concatenate(recons)[:num_videos]
+    from sora_jax.training.checkpoint import Checkpointer
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    step = step if step is not None else ckpt.latest_step()
+    ckpt.close()
+    out_dir = os.path.join(workdir, "eval")
+    name = f"step_{step:06d}_{split}"
+    pairs = np.concatenate([to_uint8(originals[:16]), to_uint8(recons[:16])], axis=2)
+    write_video(os.path.join(out_dir, name + ".gif"), pairs)
+    c = config.data
+    t, h, w, ch = vae.latent_shape(c.frames, c.height, c.width)
+    psnr, ssim = metrics.psnr(recons, originals), metrics.ssim(recons, originals)
+    result = {
+        "task": config.task,
+        "workdir": os.path.abspath(workdir),
+        "checkpoint_step": int(step),
+        "split": split,
+        "num_videos": len(originals),
+        "latent_shape": [t, h, w, ch],
+        "compression": c.frames * c.height * c.width * 3 / (t * h * w * ch),
+        "psnr": float(np.mean(psnr)),
+        "psnr_p10": float(np.percentile(psnr, 10)),
+        "ssim": float(np.mean(ssim)),
+    }
+    with open(os.path.join(out_dir, name + ".json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+EVALUATORS = {"text_to_video": evaluate_text_to_video, "vae": evaluate_vae}
 
 
 def evaluate(workdir: str, **kwargs) -> dict:
@@ -87,10 +152,16 @@ def evaluate(workdir: str, **kwargs) -> dict:
     return EVALUATORS[config.task](workdir, config, **kwargs)
 
 
+def load_task(workdir: str) -> str:
+    from sora_jax.training.loop import load_config
+    return load_config(workdir).task
+
+
 def define_flags():
     """Command-line flags, defined only when run as a program so the module imports cleanly."""
     flags.DEFINE_string("workdir", None, "A training workdir.")
     flags.DEFINE_integer("num_prompts", None, "Held-out prompts (default: config.eval).")
+    flags.DEFINE_integer("num_videos", None, "VAE: held-out clips (default: config.eval).")
     flags.DEFINE_integer("steps", None, "Sampling steps (default: config.sampling.steps).")
     flags.DEFINE_float("guidance", None, "Guidance scale (default: config.sampling).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -104,9 +175,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    result = evaluate(FLAGS.workdir, num_prompts=FLAGS.num_prompts, steps=FLAGS.steps,
-                      guidance=FLAGS.guidance, seed=FLAGS.seed,
-                      checkpoint_step=FLAGS.checkpoint_step, split=FLAGS.split)
+    kwargs = dict(seed=FLAGS.seed, checkpoint_step=FLAGS.checkpoint_step, split=FLAGS.split)
+    config_task = load_task(FLAGS.workdir)
+    if config_task == "vae":
+        kwargs.update(num_videos=FLAGS.num_videos)
+    else:
+        kwargs.update(num_prompts=FLAGS.num_prompts, steps=FLAGS.steps, guidance=FLAGS.guidance)
+    result = evaluate(FLAGS.workdir, **kwargs)
     print(json.dumps(result))
 
 

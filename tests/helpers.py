@@ -18,8 +18,8 @@ def tiny_data_dir() -> str:
 
 
 def tiny_config(**mesh) -> ml_collections.ConfigDict:
-    """The default experiment's `runlocal` variant on the tiny dataset."""
-    config = moving_shapes.get_config("runlocal")
+    """The default experiment's `runlocal` variant in pixel space (no VAE) on the tiny dataset."""
+    config = moving_shapes.get_config("runlocal,pixels")
     config.data.data_dir = tiny_data_dir()
     if mesh:
         config.mesh = {**dict(data=1, fsdp=1, tensor=1, sequence=1), **mesh}

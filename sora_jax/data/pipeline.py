@@ -18,7 +18,24 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sora_jax.data import latent_cache as latent_cache_lib
 from sora_jax.data import moving_shapes  # noqa: F401  (registers the builder with tfds)
+
+
+def data_kwargs(data: Any) -> dict[str, Any]:
+    """The dataset arguments of a config's `data` section: name, builder_config, data_dir and, where
+    set, latent_cache (see data/latent_cache.py)."""
+    kw = dict(name=data.name, builder_config=data.builder_config, data_dir=data.data_dir)
+    if data.get("latent_cache"):
+        kw["latent_cache"] = data.latent_cache
+    return kw
+
+
+def clip_shape(name: str, builder_config: str, data_dir: str | None = None,
+               latent_cache: str | None = None) -> tuple[int, ...]:
+    """(frames, height, width, 3) of the dataset's clips, generating the dataset if needed."""
+    del latent_cache
+    return tuple(prepare(name, builder_config, data_dir).info.features["video"].shape)
 
 
 def get_builder(name: str, builder_config: str, data_dir: str | None = None
@@ -67,14 +84,21 @@ class DecodeExample(grain.transforms.Map):
 def make_loader(*, name: str, builder_config: str, data_dir: str | None, split: str,
                 batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
                 worker_count: int = 0, drop_remainder: bool = True,
-                shard_options: grain.sharding.ShardOptions | None = None) -> grain.DataLoader:
+                shard_options: grain.sharding.ShardOptions | None = None,
+                latent_cache: str | None = None) -> grain.DataLoader:
     """Batches of `split` for this host (batch_size per host), generating the data if needed.
 
-    num_epochs=None repeats forever. shard_options defaults to one shard per JAX process, equal in
-    size on every host so all hosts take the same number of steps.
+    With latent_cache, batches come from that cache ('latent', 'caption', 'text', 'text_mask' and
+    labels) instead of pixels. num_epochs=None repeats forever. shard_options defaults to one
+    shard per JAX process, equal in size on every host so all hosts take the same number of steps.
     """
-    builder = prepare(name, builder_config, data_dir)
-    source = builder.as_data_source(split)
+    if latent_cache:
+        source = latent_cache_lib.data_source(latent_cache, split)
+        decode = latent_cache_lib.DecodeRecord()
+    else:
+        builder = prepare(name, builder_config, data_dir)
+        source = builder.as_data_source(split)
+        decode = DecodeExample(_label_names(builder))
     sampler = grain.samplers.IndexSampler(
         num_records=len(source),
         shard_options=shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True),
@@ -85,18 +109,18 @@ def make_loader(*, name: str, builder_config: str, data_dir: str | None, split: 
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=[DecodeExample(_label_names(builder)),
-                    grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)],
+        operations=[decode, grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)],
         worker_count=worker_count,
     )
 
 
 def eval_prompts(name: str, builder_config: str, data_dir: str | None, split: str,
-                 num: int) -> list[dict[str, Any]]:
+                 num: int, latent_cache: str | None = None) -> list[dict[str, Any]]:
     """The first `num` examples of `split`, in a fixed order, as prompts: caption, label names and
     the real video (uint8 [T, H, W, 3], a reference for scoring generated ones), e.g.
     {'caption': 'a red square slides left', 'colour': 'red', 'shape': 'square', ..., 'video': ...}.
     """
+    del latent_cache  # prompts and reference videos come from the dataset itself
     builder = prepare(name, builder_config, data_dir)
     source = builder.as_data_source(split)
     if num > len(source):

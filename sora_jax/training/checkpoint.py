@@ -1,7 +1,8 @@
 """Checkpoints: orbax CheckpointManager with async saves, the data iterator and config beside them.
 
 A checkpoint holds three items: `state` (the TrainState arrays), `data` (the grain iterator
-state, so a resumed run sees the same next batch) and `config` (JSON). Restoring takes a target of
+state, so a resumed run sees the same next batch) and `config` (JSON), plus any JSON items of the
+task (`JSON_ITEMS`: a VAE's `latent_stats`). Restoring takes a target of
 `jax.ShapeDtypeStruct`s carrying shardings, so a run saved on one mesh restores onto another.
 """
 
@@ -14,6 +15,9 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+
+JSON_ITEMS = ("latent_stats",)
 
 
 class CheckpointMismatchError(ValueError):
@@ -44,7 +48,8 @@ class Checkpointer:
             # Named handlers let a fresh manager read an item's metadata before restoring it.
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "data": grain.checkpoint.CheckpointHandler(),
-                           "config": ocp.JsonCheckpointHandler()},
+                           "config": ocp.JsonCheckpointHandler(),
+                           **{name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS}},
         )
 
     def latest_step(self) -> int | None:
@@ -54,11 +59,16 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, *, data_iterator=None,
-             config: ml_collections.ConfigDict | None = None) -> None:
+             config: ml_collections.ConfigDict | None = None,
+             json_items: dict[str, Any] | None = None) -> None:
         """Starts an async save of `step`; a save already pending for this step is a no-op."""
         if step in self._manager.all_steps():
             return
+        unknown = set(json_items or {}) - set(JSON_ITEMS)
+        if unknown:
+            raise ValueError(f"Unknown checkpoint items {sorted(unknown)}; known: {JSON_ITEMS}.")
         items = {"state": ocp.args.StandardSave(state)}
+        items.update({k: ocp.args.JsonSave(v) for k, v in (json_items or {}).items()})
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
@@ -95,6 +105,13 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
+    def restore_json(self, step: int, name: str) -> Any:
+        """A JSON item of `step` (see JSON_ITEMS); KeyError naming it when the step has none."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), name)):
+            raise KeyError(f"Checkpoint step {step} in {self.directory} has no {name!r} item.")
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
+        return restored[name]
+
     def restore_config(self, step: int) -> ml_collections.ConfigDict:
         restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return ml_collections.ConfigDict(restored["config"])
@@ -106,8 +123,12 @@ class Checkpointer:
         self._manager.close()
 
 
-def restore_for_inference(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
-    """Restores a trained state from `workdir/checkpoints` (the latest step unless given)."""
+def restore_for_inference(workdir: str, abstract_state: Any, step: int | None = None,
+                          json_items: tuple[str, ...] = ()) -> tuple[Any, int]:
+    """Restores a trained state from `workdir/checkpoints` (the latest step unless given).
+
+    With json_items, returns (state, step, {name: item}) instead.
+    """
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"No checkpoints in {workdir!r}; train first with "
@@ -121,5 +142,6 @@ def restore_for_inference(workdir: str, abstract_state: Any, step: int | None = 
     elif step not in steps:
         raise ValueError(f"No checkpoint for step {step} in {directory!r}; available: {sorted(steps)}.")
     state = ckpt.restore(step, abstract_state)
+    items = {name: ckpt.restore_json(step, name) for name in json_items}
     ckpt.close()
-    return state, step
+    return (state, step, items) if json_items else (state, step)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -22,17 +23,30 @@ from sora_jax.diffusion.sampling import euler_sample
 from sora_jax.models import patch as patch_lib
 from sora_jax.models import text as text_lib
 from sora_jax.models.dit import DiT
-from sora_jax.models.vae import get_autoencoder
+from sora_jax.training import autoencoders as autoencoder_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import state as state_lib
-from sora_jax.training.step import make_train_step
+from sora_jax.training.step import make_eval_step, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def validate_common(config: ml_collections.ConfigDict) -> None:
+    """Checks shared by every task: training schedule, batch and sharding rules."""
+    data, optim = config.data, config.optim
+    for name in ("num_steps", "log_every", "eval_every", "sample_every", "checkpoint_every"):
+        if config.train[name] <= 0:
+            raise ValueError(f"config.train.{name} must be positive, got {config.train[name]}.")
+    if data.batch_size % optim.grad_accum_steps:
+        raise ValueError(f"config.data.batch_size={data.batch_size} is not divisible by "
+                         f"config.optim.grad_accum_steps={optim.grad_accum_steps}.")
+    mesh_lib.rules_from_config(config.sharding_rules)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Fails early, naming the setting and the fix, for values that are inconsistent together."""
-    data, model, optim = config.data, config.model, config.optim
+    validate_common(config)
+    data, model = config.data, config.model
     if model.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={model.dtype!r}; valid: {sorted(DTYPES)}.")
     if model.width % model.num_heads:
@@ -41,56 +55,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if (model.width // model.num_heads) % 2:
         raise ValueError(f"Head dim {model.width // model.num_heads} must be even for RoPE; "
                          "change config.model.width or num_heads.")
-    for name in ("num_steps", "log_every", "eval_every", "sample_every", "checkpoint_every"):
-        if config.train[name] <= 0:
-            raise ValueError(f"config.train.{name} must be positive, got {config.train[name]}.")
-    if data.batch_size % optim.grad_accum_steps:
-        raise ValueError(f"config.data.batch_size={data.batch_size} is not divisible by "
-                         f"config.optim.grad_accum_steps={optim.grad_accum_steps}.")
     if not 0.0 <= config.text.caption_dropout < 1.0:
         raise ValueError(f"config.text.caption_dropout must be in [0, 1), got {config.text.caption_dropout}.")
-    autoencoder = get_autoencoder(config.autoencoder.kind)
+    autoencoder = autoencoder_lib.declared_autoencoder(config.autoencoder)
     patch_lib.check_tileable(data.frames, data.height, data.width, tuple(model.patch_size),
                              autoencoder.temporal_compression, autoencoder.spatial_compression)
     RectifiedFlow(**config.diffusion)
-    mesh_lib.rules_from_config(config.sharding_rules)
 
 
-@dataclasses.dataclass
-class Experiment:
-    """The pieces of one experiment, built from its config on the current devices."""
+class ExperimentBase:
+    """What every task's experiment has: mesh, logical rules, optimizer, and a TrainState built
+    from `_init_boxed` (the subclass's parameter initialisation, with logical names)."""
 
     config: ml_collections.ConfigDict
-    devices: Any = None
 
-    def __post_init__(self):
-        validate(self.config)
+    def _setup_common(self, devices) -> None:
         c = self.config
         self.rules = mesh_lib.rules_from_config(c.sharding_rules)
-        self.mesh = mesh_lib.make_mesh(dict(c.mesh), self.devices)
-        self.autoencoder = get_autoencoder(c.autoencoder.kind)
-        self.flow = RectifiedFlow(**c.diffusion)
-        self.temporal_patch = c.model.patch_size[0]
-        self.latent_shape = self.autoencoder.latent_shape(c.data.frames, c.data.height, c.data.width)
+        self.mesh = mesh_lib.make_mesh(dict(c.mesh), devices)
         batch_ways = mesh_lib.batch_axis_size(self.mesh, self.rules)
         if c.data.batch_size % batch_ways:
             raise ValueError(f"config.data.batch_size={c.data.batch_size} must be a multiple of the "
                              f"{batch_ways} ways the mesh {dict(self.mesh.shape)} splits the batch.")
-        self.model = DiT(
-            in_channels=self.latent_shape[-1],
-            patch_size=tuple(c.model.patch_size),
-            width=c.model.width,
-            depth=c.model.depth,
-            num_heads=c.model.num_heads,
-            text_dim=text_lib.encoder_dim(c.text.encoder),
-            mlp_ratio=c.model.mlp_ratio,
-            qk_norm=c.model.qk_norm,
-            dtype=DTYPES[c.model.dtype],
-            matmul=c.model.matmul,
-            attention_backend=c.model.attention_backend,
-            scan_layers=c.model.scan_layers,
-            remat_policy=c.model.remat_policy,
-        )
         self.schedule = state_lib.learning_rate_schedule(
             learning_rate=c.optim.learning_rate, warmup_steps=c.optim.warmup_steps,
             total_steps=c.train.num_steps, decay=c.optim.decay, end_fraction=c.optim.end_fraction)
@@ -103,40 +89,17 @@ class Experiment:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
 
-    # Shapes -----------------------------------------------------------------------------------
-
-    def batch_shapes(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-        """Global shapes of a training batch."""
-        b = self.config.data.batch_size if batch_size is None else batch_size
-        text_len, text_dim = self.config.text.max_length, self.model.text_dim
-        return {
-            "latent": jax.ShapeDtypeStruct((b, *self.latent_shape), jnp.float32),
-            "text": jax.ShapeDtypeStruct((b, text_len, text_dim), jnp.float32),
-            "text_mask": jax.ShapeDtypeStruct((b, text_len), jnp.bool_),
-        }
-
     def batch_shardings(self, batch: dict) -> dict:
         return {k: mesh_lib.batch_sharding(self.mesh, self.rules, v.ndim) for k, v in batch.items()}
 
-    def tokens_per_example(self) -> int:
-        t, h, w, _ = self.latent_shape
-        pt, ph, pw = self.config.model.patch_size
-        return (t // pt) * (h // ph) * (w // pw)
-
-    def train_flops_per_step(self) -> float:
-        """Model FLOPs of one training step: forward + backward (3x forward) over the global batch."""
-        forward = self.model.flops_per_example(self.latent_shape[:3], self.config.text.max_length)
-        return 3.0 * forward * self.config.data.batch_size
-
-    # State ------------------------------------------------------------------------------------
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host-local numpy arrays -> global arrays sharded over the batch axes (multi-host safe)."""
+        return {k: jax.make_array_from_process_local_data(
+                    mesh_lib.batch_sharding(self.mesh, self.rules, np.ndim(v)), v)
+                for k, v in local.items()}
 
     def _init_boxed(self, rng: jax.Array) -> state_lib.TrainState:
-        b = self.batch_shapes(1)
-        dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in b.items()}
-        t = jnp.zeros((1, self.latent_shape[0] // self.temporal_patch))
-        params = self.model.init(rng, dummy["latent"], t, dummy["text"], dummy["text_mask"])["params"]
-        group = state_lib.Group.create(params, self.tx, self.config.optim.ema_decay)
-        return state_lib.TrainState(step=jnp.zeros((), jnp.int32), groups={"dit": group})
+        raise NotImplementedError
 
     @functools.cached_property
     def state_shardings(self) -> Any:
@@ -161,6 +124,93 @@ class Experiment:
         with nn.logical_axis_rules(self.rules):
             return jax.jit(init, out_shardings=self.state_shardings)(rng)
 
+    def jit_step(self, step, batch_shapes: dict, *, donate: bool = True):
+        """step(state, batch, rng) -> (state, metrics), jitted with this mesh's shardings."""
+        replicated = mesh_lib.replicated(self.mesh)
+        return jax.jit(step,
+                       in_shardings=(self.state_shardings, self.batch_shardings(batch_shapes),
+                                     replicated),
+                       out_shardings=(self.state_shardings, replicated),
+                       donate_argnums=(0,) if donate else ())
+
+    def checkpoint_items(self, state, batches) -> dict[str, dict]:
+        """JSON items saved beside the state in each checkpoint (none by default)."""
+        del state, batches
+        return {}
+
+
+@dataclasses.dataclass
+class Experiment(ExperimentBase):
+    """A text-to-video DiT experiment, built from its config on the current devices.
+
+    The autoencoder's architecture comes from the config; its weights (for a trained VAE, from the
+    workdir the config names) load on first use, so shapes and shardings need no checkpoint.
+    """
+
+    config: ml_collections.ConfigDict
+    devices: Any = None
+
+    def __post_init__(self):
+        validate(self.config)
+        c = self.config
+        self._setup_common(self.devices)
+        self.autoencoder = autoencoder_lib.declared_autoencoder(c.autoencoder)
+        self.flow = RectifiedFlow(**c.diffusion)
+        self.temporal_patch = c.model.patch_size[0]
+        self.latent_shape = self.autoencoder.latent_shape(c.data.frames, c.data.height, c.data.width)
+        self.model = DiT(
+            in_channels=self.latent_shape[-1],
+            patch_size=tuple(c.model.patch_size),
+            width=c.model.width,
+            depth=c.model.depth,
+            num_heads=c.model.num_heads,
+            text_dim=text_lib.encoder_dim(c.text.encoder),
+            mlp_ratio=c.model.mlp_ratio,
+            qk_norm=c.model.qk_norm,
+            dtype=DTYPES[c.model.dtype],
+            matmul=c.model.matmul,
+            attention_backend=c.model.attention_backend,
+            scan_layers=c.model.scan_layers,
+            remat_policy=c.model.remat_policy,
+        )
+
+    @functools.cached_property
+    def loaded_autoencoder(self) -> tuple[Any, Any]:
+        """(autoencoder, weights) from the workdir the config names, loaded on first use."""
+        return autoencoder_lib.load_declared(self.config.autoencoder, self.autoencoder)
+
+    # Shapes -----------------------------------------------------------------------------------
+
+    def batch_shapes(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        """Global shapes of a training batch."""
+        b = self.config.data.batch_size if batch_size is None else batch_size
+        text_len, text_dim = self.config.text.max_length, self.model.text_dim
+        return {
+            "latent": jax.ShapeDtypeStruct((b, *self.latent_shape), jnp.float32),
+            "text": jax.ShapeDtypeStruct((b, text_len, text_dim), jnp.float32),
+            "text_mask": jax.ShapeDtypeStruct((b, text_len), jnp.bool_),
+        }
+
+    def tokens_per_example(self) -> int:
+        t, h, w, _ = self.latent_shape
+        pt, ph, pw = self.config.model.patch_size
+        return (t // pt) * (h // ph) * (w // pw)
+
+    def train_flops_per_step(self) -> float:
+        """Model FLOPs of one training step: forward + backward (3x forward) over the global batch."""
+        forward = self.model.flops_per_example(self.latent_shape[:3], self.config.text.max_length)
+        return 3.0 * forward * self.config.data.batch_size
+
+    # State ------------------------------------------------------------------------------------
+
+    def _init_boxed(self, rng: jax.Array) -> state_lib.TrainState:
+        b = self.batch_shapes(1)
+        dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in b.items()}
+        t = jnp.zeros((1, self.latent_shape[0] // self.temporal_patch))
+        params = self.model.init(rng, dummy["latent"], t, dummy["text"], dummy["text_mask"])["params"]
+        group = state_lib.Group.create(params, self.tx, self.config.optim.ema_decay)
+        return state_lib.TrainState(step=jnp.zeros((), jnp.int32), groups={"dit": group})
+
     # Steps ------------------------------------------------------------------------------------
 
     def jit_train_step(self, *, donate: bool = True, caption_dropout: float | None = None,
@@ -172,12 +222,79 @@ class Experiment:
             caption_dropout=c.text.caption_dropout if caption_dropout is None else caption_dropout,
             temporal_patch=self.temporal_patch,
             grad_accum_steps=grad_accum_steps or c.optim.grad_accum_steps)
-        replicated = mesh_lib.replicated(self.mesh)
-        return jax.jit(step,
-                       in_shardings=(self.state_shardings,
-                                     self.batch_shardings(self.batch_shapes()), replicated),
-                       out_shardings=(self.state_shardings, replicated),
-                       donate_argnums=(0,) if donate else ())
+        return self.jit_step(step, self.batch_shapes(), donate=donate)
+
+    @functools.cached_property
+    def _encode(self):
+        return jax.jit(self.loaded_autoencoder[0].encode)
+
+    def encode_video(self, video: np.ndarray) -> np.ndarray:
+        """Pixels [B, T, H, W, 3] in [-1, 1] -> the latents the DiT is trained on."""
+        return np.asarray(self._encode(self.loaded_autoencoder[1], video))
+
+    # The loop's hooks -----------------------------------------------------------------------------
+
+    def describe(self, state) -> str:
+        n = sum(x.size for x in jax.tree.leaves(state.groups["dit"].params))
+        return (f"DiT: {n / 1e6:.2f}M parameters, {self.tokens_per_example()} tokens per example, "
+                f"latents {self.latent_shape}")
+
+    @functools.cached_property
+    def _cached_text_encoder(self):
+        from sora_jax.training.text_cache import CachedTextEncoder
+        return CachedTextEncoder(self.text_encoder)
+
+    def make_batch(self, host: dict) -> dict[str, jax.Array]:
+        """A host batch of the pipeline (pixels or cached latents, captions) -> a global batch."""
+        if "text" in host:  # latent cache with precomputed text embeddings
+            text, mask = host["text"], host["text_mask"]
+        else:
+            text, mask = self._cached_text_encoder(list(host["caption"]))
+        latent = host["latent"] if "latent" in host else self.encode_video(host["video"])
+        return self.global_batch({"latent": latent, "text": text, "text_mask": mask})
+
+    def throughput(self, steps_per_s: float) -> dict[str, float]:
+        return {"steps_per_s": steps_per_s,
+                "tokens_per_s": steps_per_s * self.config.data.batch_size * self.tokens_per_example(),
+                "tflops_per_s": steps_per_s * self.train_flops_per_step() / 1e12}
+
+    @functools.cached_property
+    def _eval_step(self):
+        return jax.jit(make_eval_step(self.model, self.flow, time_bins=tuple(self.config.train.time_bins),
+                                      temporal_patch=self.temporal_patch))
+
+    def validation_scalars(self, state, batches) -> dict[str, float]:
+        """Validation loss per diffusion-time bin (fixed noise: comparable across steps and runs)."""
+        rng = jax.random.key(self.config.seed + 2)
+        with self.activate():
+            per_bin = np.mean([np.asarray(self._eval_step(state, b, rng)) for b in batches], axis=0)
+        scalars = {f"val/loss_t{t:.1f}": float(v) for t, v in zip(self.config.train.time_bins, per_bin)}
+        scalars["val/loss"] = float(np.mean(per_bin))
+        return scalars
+
+    @functools.cached_property
+    def _sample_prompts(self) -> list[str]:
+        from sora_jax.data import pipeline
+        d = self.config.data
+        return [p["caption"] for p in pipeline.eval_prompts(
+            name=d.name, builder_config=d.builder_config, data_dir=d.data_dir, split=d.eval_split,
+            num=self.config.train.num_samples)]
+
+    @functools.cached_property
+    def _training_sampler(self):
+        return self.make_sampler(steps=self.config.sampling.steps,
+                                 guidance=self.config.sampling.guidance)
+
+    def write_samples(self, state, step: int, workdir: str, batches) -> str:
+        """Videos for fixed prompts from the config's evaluation split, with fixed noise."""
+        del batches
+        from sora_jax.data.video_io import write_video
+        text, mask = self._cached_text_encoder(self._sample_prompts)
+        video = self._training_sampler(state.groups["dit"].inference_params, text, mask,
+                                       jax.random.key(self.config.seed))
+        path = write_video(os.path.join(workdir, "samples", f"step_{step:06d}.gif"),
+                           to_uint8(jax.device_get(video)))
+        return f"{path} ({' | '.join(self._sample_prompts)})"
 
     # Text -------------------------------------------------------------------------------------
 
@@ -191,11 +308,11 @@ class Experiment:
     def make_sampler(self, *, steps: int, guidance: float, latent_shape=None):
         """Returns sample(params, text, text_mask, rng) -> video float32 [B, T, H, W, 3] in [-1, 1].
 
-        The Euler loop is one `fori_loop` inside one jit: it compiles once per batch shape.
+        The Euler loop and the decoder are one jit: it compiles once per batch shape.
         """
         shape = tuple(latent_shape or self.latent_shape)
 
-        def sample(params, text, text_mask, rng):
+        def sample(params, autoencoder_params, text, text_mask, rng):
             def denoise(x, t, drop_text):
                 n = x.shape[0] // text.shape[0]  # guidance doubles the batch
                 tiled = lambda a: jnp.concatenate([a] * n)
@@ -205,14 +322,26 @@ class Experiment:
             noise = jax.random.normal(rng, (text.shape[0], *shape), jnp.float32)
             latent = euler_sample(self.flow, denoise, noise, steps=steps, guidance=guidance,
                                   temporal_patch=self.temporal_patch)
-            return jnp.clip(self.autoencoder.decode(None, latent), -1.0, 1.0)
+            return jnp.clip(autoencoder.decode(autoencoder_params, latent), -1.0, 1.0)
 
         def run(params, text, text_mask, rng):
             with self.activate():
-                return jitted(params, text, text_mask, rng)
+                return jitted(params, autoencoder_params, text, text_mask, rng)
 
+        autoencoder, autoencoder_params = self.loaded_autoencoder
         jitted = jax.jit(sample)
         return run
+
+
+def get_experiment(config: ml_collections.ConfigDict, devices: Any = None):
+    """The experiment for `config.task`: 'text_to_video' (DiT) or 'vae' (video autoencoder)."""
+    task = config.get("task")
+    if task == "text_to_video":
+        return Experiment(config, devices)
+    if task == "vae":
+        from sora_jax.training.vae_experiment import VAEExperiment
+        return VAEExperiment(config, devices)
+    raise ValueError(f"Unknown config.task {task!r}; valid: 'text_to_video', 'vae'.")
 
 
 def to_uint8(video: jax.Array | np.ndarray) -> np.ndarray:

@@ -18,14 +18,10 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from sora_jax.data import pipeline
-from sora_jax.data.video_io import write_video
-from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.data import latent_cache, pipeline
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training.checkpoint import Checkpointer
-from sora_jax.training.experiment import Experiment, to_uint8
-from sora_jax.training.step import make_eval_step
-from sora_jax.training.text_cache import CachedTextEncoder
+from sora_jax.training.experiment import get_experiment
 
 
 class TrainingDiverged(FloatingPointError):
@@ -50,9 +46,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def check_data_shape(config: ml_collections.ConfigDict, builder) -> None:
+def check_data_shape(config: ml_collections.ConfigDict, data_kw: dict) -> None:
     """The dataset's clips must have the size the config's model and shardings are built for."""
-    stored = tuple(builder.info.features["video"].shape)
+    stored = pipeline.clip_shape(**data_kw)
     expected = (config.data.frames, config.data.height, config.data.width, 3)
     if stored != expected:
         raise ValueError(
@@ -84,17 +80,13 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _global_batch(exp: Experiment, latent: np.ndarray, text, mask) -> dict[str, jax.Array]:
-    """Host-local numpy arrays -> global arrays sharded over the batch axes (multi-host safe)."""
-    local = {"latent": latent, "text": text, "text_mask": mask}
-    return {k: jax.make_array_from_process_local_data(
-                mesh_lib.batch_sharding(exp.mesh, exp.rules, v.ndim), v)
-            for k, v in local.items()}
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int = 0):
-    """Trains (or resumes training of) the experiment `config` in `workdir`. Returns the state."""
-    exp = Experiment(config)
+    """Trains (or resumes training of) the experiment `config` in `workdir`. Returns the state.
+
+    The task's experiment (`get_experiment`: the DiT or the VAE) supplies the model, the step and
+    the hooks; everything else here is shared.
+    """
+    exp = get_experiment(config)
     c = config
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.train.max_to_keep)
     abstract = exp.abstract_state()
@@ -103,8 +95,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
         ckpt.check_compatible(start, abstract)  # before anything in the workdir changes
     save_config(c, workdir)
 
-    data_kw = dict(name=c.data.name, builder_config=c.data.builder_config, data_dir=c.data.data_dir)
-    check_data_shape(c, pipeline.prepare(**data_kw))
+    data_kw = pipeline.data_kwargs(c.data)
+    check_data_shape(c, data_kw)
+    if data_kw.get("latent_cache"):
+        latent_cache.check_matches(data_kw["latent_cache"], latent_shape=exp.latent_shape,
+                                   text_encoder=c.text.encoder, max_length=c.text.max_length)
     host_batch = c.data.batch_size // jax.process_count()
     train_iter = iter(pipeline.make_loader(
         **data_kw, split=c.data.train_split, batch_size=host_batch, seed=c.seed, shuffle=True,
@@ -116,32 +111,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
     else:
         state = ckpt.restore(start, abstract, data_iterator=train_iter)
         logging.info("Resumed from step %d in %s.", start, workdir)
-    num_params = sum(x.size for x in jax.tree.leaves(state.groups["dit"].params))
-    logging.info("DiT: %.2fM parameters, %d tokens per example, mesh %s.",
-                 num_params / 1e6, exp.tokens_per_example(), dict(exp.mesh.shape))
-
-    text_encoder = CachedTextEncoder(exp.text_encoder)
-    encode_video = jax.jit(lambda v: exp.autoencoder.encode(None, v))
-
-    def make_batch(host):
-        text, mask = text_encoder(list(host["caption"]))
-        return _global_batch(exp, np.asarray(encode_video(host["video"])), text, mask)
+    logging.info("%s, mesh %s.", exp.describe(state), dict(exp.mesh.shape))
 
     train_step = exp.jit_train_step()
-    eval_step = jax.jit(make_eval_step(exp.model, exp.flow, time_bins=tuple(c.train.time_bins),
-                                       temporal_patch=exp.temporal_patch))
-    # A fixed validation set, fixed noise and fixed sample prompts: comparable across steps and runs.
-    val_iter = iter(pipeline.make_loader(
-        **data_kw, split=c.data.validation_split, batch_size=host_batch, seed=c.seed,
-        shuffle=False, num_epochs=1, worker_count=0))
-    val_batches = [make_batch(next(val_iter)) for _ in range(c.train.num_eval_batches)]
-    prompts = [p["caption"] for p in pipeline.eval_prompts(
-        **data_kw, split=c.data.eval_split, num=c.train.num_samples)]
-    sampler = exp.make_sampler(steps=c.sampling.steps, guidance=c.sampling.guidance)
+    # Fixed validation batches and fixed training clips for checkpoint statistics: comparable
+    # across steps and runs.
+    def fixed_batches(split: str) -> list:
+        it = iter(pipeline.make_loader(**data_kw, split=split, batch_size=host_batch, seed=c.seed,
+                                       shuffle=False, num_epochs=1, worker_count=0))
+        return [exp.make_batch(next(it)) for _ in range(c.train.num_eval_batches)]
+
+    val_batches = fixed_batches(c.data.validation_split)
+    stat_batches = fixed_batches(c.data.train_split) if c.task == "vae" else []
 
     writer = metrics_lib.MetricWriter(workdir)
-    flops_per_step = exp.train_flops_per_step()
-    peak = metrics_lib.peak_flops_per_device(exp.model.dtype) * jax.device_count()
+    flops_per_step = exp.train_flops_per_step() if hasattr(exp, "train_flops_per_step") else None
+    peak = metrics_lib.peak_flops_per_device(exp.model.dtype) * jax.device_count() \
+        if flops_per_step else None
     base_rng = jax.random.key(c.seed + 1)
     pending: list[tuple[int, dict]] = []
     window_start, window_steps = time.perf_counter(), 0
@@ -163,12 +149,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
         elapsed = time.perf_counter() - window_start
         steps_per_s = window_steps / max(elapsed, 1e-9)
         scalars = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]}
-        scalars.update({
-            "steps_per_s": steps_per_s,
-            "tokens_per_s": steps_per_s * c.data.batch_size * exp.tokens_per_example(),
-            "tflops_per_s": steps_per_s * flops_per_step / 1e12,
-            "mfu": steps_per_s * flops_per_step / peak,
-        })
+        scalars.update(exp.throughput(steps_per_s))
+        if flops_per_step:
+            scalars["mfu"] = steps_per_s * flops_per_step / peak
         writer.write(step, scalars)
         remaining = (c.train.num_steps - step) / max(steps_per_s, 1e-9)
         logging.info("step %d/%d: %s, eta %.0fs", step, c.train.num_steps,
@@ -176,24 +159,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
         window_start, window_steps = time.perf_counter(), 0
 
     def evaluate(step: int) -> None:
-        rng = jax.random.key(c.seed + 2)
-        with exp.activate():
-            per_bin = np.mean([np.asarray(eval_step(state, b, rng)) for b in val_batches], axis=0)
-        scalars = {f"val/loss_t{t:.1f}": float(v) for t, v in zip(c.train.time_bins, per_bin)}
-        scalars["val/loss"] = float(np.mean(per_bin))
+        scalars = exp.validation_scalars(state, val_batches)
         writer.write(step, scalars)
         logging.info("step %d validation: %s", step, metrics_lib.format_scalars(scalars))
 
     def write_samples(step: int) -> None:
-        text, mask = text_encoder(prompts)
-        video = sampler(state.groups["dit"].inference_params, text, mask, jax.random.key(c.seed))
-        path = write_video(os.path.join(workdir, "samples", f"step_{step:06d}.gif"),
-                           to_uint8(jax.device_get(video)))
-        logging.info("step %d samples: %s (%s)", step, path, " | ".join(prompts))
+        logging.info("step %d samples: %s", step, exp.write_samples(state, step, workdir, val_batches))
 
     def save(step: int) -> None:
         check_and_log(step)
-        ckpt.save(step, state, data_iterator=train_iter, config=c)
+        ckpt.save(step, state, data_iterator=train_iter, config=c,
+                  json_items=exp.checkpoint_items(state, stat_batches))
 
     profile_range = (start + 2, start + 2 + profile_steps) if profile_steps else None
     progress = tqdm.tqdm(total=c.train.num_steps, initial=start, desc="train", unit="step",
@@ -207,7 +183,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
                 break
             if profile_range and step == profile_range[0]:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            batch = make_batch(next(train_iter))
+            batch = exp.make_batch(next(train_iter))
             state, metrics = train_step(state, batch, base_rng)
             step += 1
             window_steps += 1
