@@ -319,6 +319,10 @@ class VAENet(nn.Module):
     patch_size: int = 1
     mid_attention: bool = True
     num_groups: int = 32
+    # Added to the predicted log-variance: at initialisation the posterior's std is
+    # exp(offset / 2) (0.05 for -6) rather than 1, so early training is not drowned in sampling
+    # noise; the KL term still pulls it wherever the data wants.
+    logvar_offset: float = -6.0
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -334,7 +338,7 @@ class VAENet(nn.Module):
         """Posterior (mean, logvar), each [B, t, h, w, latent_channels] in float32."""
         moments = self.encoder(video).astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
-        return mean, jnp.clip(logvar, -30.0, 20.0)
+        return mean, jnp.clip(logvar + self.logvar_offset, -30.0, 20.0)
 
     def decode(self, z):
         return self.decoder(z)
@@ -484,12 +488,12 @@ class CausalVAE:
 
     def encode_chunked(self, params, video, *, chunk_latent_frames: int = 2) -> jax.Array:
         """`encode` a few latent frames at a time, carrying the causal cache: equal to `encode`,
-        with activation memory bounded by the chunk. The first chunk is 1 + (n - 1) * s_t frames,
-        later ones n * s_t (n = chunk_latent_frames)."""
+        with activation memory bounded by the chunk. The first chunk is 1 + n * s_t frames (the
+        lone first frame and n groups), later ones n * s_t (n = chunk_latent_frames)."""
         check_video(video.shape, self.temporal_compression, self.spatial_compression)
         s, n = self.temporal_compression, chunk_latent_frames
-        bounds = _chunk_bounds(video.shape[1], first=1 + (n - 1) * s, rest=n * s)
-        moments = _chunked(self.net, params["net"], VAENet.encode, video, bounds)
+        bounds = chunk_bounds(video.shape[1], first=1 + n * s, rest=n * s)
+        moments = run_chunked(self.net, params["net"], VAENet.encode, video, bounds)
         mean = jnp.concatenate([m for m, _ in moments], axis=1)
         return (mean - params["shift"]) / params["scale"]
 
@@ -501,10 +505,16 @@ class CausalVAE:
         produced, so device memory stays flat however long the video.
         """
         z = latent * params["scale"] + params["shift"]
-        bounds = _chunk_bounds(latent.shape[1], first=chunk_latent_frames, rest=chunk_latent_frames)
-        chunks = _chunked(self.net, params["net"], VAENet.decode, z, bounds,
+        bounds = self.decode_chunk_bounds(latent.shape[1], chunk_latent_frames)
+        chunks = run_chunked(self.net, params["net"], VAENet.decode, z, bounds,
                           to_host=to_host)
         return (np.concatenate if to_host else jnp.concatenate)(chunks, axis=1)
+
+    def decode_chunk_bounds(self, latent_frames: int, chunk_latent_frames: int) -> list[tuple[int, int]]:
+        """Latent-frame ranges of `decode_chunked`: the first chunk has one extra latent frame (the
+        lone first frame), so every chunk decodes about as many pixel frames as the next."""
+        n = chunk_latent_frames
+        return chunk_bounds(latent_frames, first=n + 1, rest=n)
 
     def decode_tiled(self, params, latent, *, tile: int = 8, overlap: int = 2) -> jax.Array:
         """`decode` in overlapping spatial tiles of tile x tile latent pixels, blended linearly in the
@@ -516,7 +526,7 @@ class CausalVAE:
                            scale=self.spatial_compression)
 
 
-def _chunk_bounds(length: int, *, first: int, rest: int) -> list[tuple[int, int]]:
+def chunk_bounds(length: int, *, first: int, rest: int) -> list[tuple[int, int]]:
     bounds, start = [(0, min(first, length))], min(first, length)
     while start < length:
         bounds.append((start, min(start + rest, length)))
@@ -527,7 +537,7 @@ def _chunk_bounds(length: int, *, first: int, rest: int) -> list[tuple[int, int]
 _CHUNK_FNS: dict[Any, Any] = {}
 
 
-def _chunk_fn(net: nn.Module, method):
+def chunk_fn(net: nn.Module, method):
     """One jitted (params, cache, x) -> (out, cache) per (net, method); compiled once per shape."""
     key = (net, method.__name__)
     if key not in _CHUNK_FNS:
@@ -539,8 +549,8 @@ def _chunk_fn(net: nn.Module, method):
     return _CHUNK_FNS[key]
 
 
-def _chunked(net, params, method, x, bounds, *, to_host=False) -> list:
-    run, cache, outputs = _chunk_fn(net, method), {}, []
+def run_chunked(net, params, method, x, bounds, *, to_host=False) -> list:
+    run, cache, outputs = chunk_fn(net, method), {}, []
     for start, stop in bounds:
         out, cache = run(params, cache, x[:, start:stop])
         outputs.append(jax.device_get(out) if to_host else out)

@@ -42,7 +42,7 @@ from flax import traverse_util
 from safetensors import safe_open
 
 from sora_jax.models.attention import attention
-from sora_jax.models.vae import CausalConv3d, _chunk_bounds, _chunked, check_video
+from sora_jax.models.vae import CausalConv3d, chunk_bounds, run_chunked, check_video
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -354,8 +354,8 @@ class WanVAE:
         ones n * s_t (n = chunk_latent_frames; n = 1 is diffusers' schedule)."""
         self._check_video(video)
         s, n = self.temporal_compression, chunk_latent_frames
-        bounds = _chunk_bounds(video.shape[1], first=1 + (n - 1) * s, rest=n * s)
-        means = _chunked(self.net, params, WanVAENet.encode, video, bounds)
+        bounds = chunk_bounds(video.shape[1], first=1 + (n - 1) * s, rest=n * s)
+        means = run_chunked(self.net, params, WanVAENet.encode, video, bounds)
         return self._normalise(jnp.concatenate(means, axis=1))
 
     def decode_chunked(self, params, latent: jax.Array, *, chunk_latent_frames: int = 1,
@@ -363,8 +363,8 @@ class WanVAE:
         """`decode` chunk_latent_frames latent frames at a time (1, diffusers' schedule, by default),
         carrying the causal cache. Equal to `decode`; with to_host=True each decoded chunk is moved to
         host memory as it is produced."""
-        bounds = _chunk_bounds(latent.shape[1], first=chunk_latent_frames, rest=chunk_latent_frames)
-        chunks = _chunked(self.net, params, WanVAENet.decode, self._denormalise(latent), bounds,
+        bounds = chunk_bounds(latent.shape[1], first=chunk_latent_frames, rest=chunk_latent_frames)
+        chunks = run_chunked(self.net, params, WanVAENet.decode, self._denormalise(latent), bounds,
                           to_host=to_host)
         return (np.concatenate if to_host else jnp.concatenate)(chunks, axis=1)
 

@@ -177,7 +177,10 @@ class Experiment(ExperimentBase):
     @functools.cached_property
     def loaded_autoencoder(self) -> tuple[Any, Any]:
         """(autoencoder, weights) from the workdir the config names, loaded on first use."""
-        return autoencoder_lib.load_declared(self.config.autoencoder, self.autoencoder)
+        autoencoder, params = autoencoder_lib.load_declared(self.config.autoencoder,
+                                                            self.autoencoder)
+        # Replicated over this experiment's mesh: encoding and decoding run beside the DiT.
+        return autoencoder, jax.device_put(params, mesh_lib.replicated(self.mesh))
 
     # Shapes -----------------------------------------------------------------------------------
 

@@ -93,6 +93,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
     start = ckpt.latest_step()
     if start is not None:
         ckpt.check_compatible(start, abstract)  # before anything in the workdir changes
+        if start >= c.train.num_steps:
+            logging.info("%s holds a finished run (step %d of %d); nothing to train. Raise "
+                         "config.train.num_steps to train on.", workdir, start, c.train.num_steps)
+            state = ckpt.restore(start, abstract)
+            ckpt.close()
+            return state
     save_config(c, workdir)
 
     data_kw = pipeline.data_kwargs(c.data)

@@ -1,0 +1,162 @@
+"""VAE training through the shared loop, its checkpoints, evaluation, the latent cache, and the DiT
+that generates in its latents."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import moving_shapes, vae_moving_shapes
+from sora_jax.cache_latents import cache_latents
+from sora_jax.data import latent_cache, pipeline
+from sora_jax.evaluate import evaluate
+from sora_jax.training import loop
+from sora_jax.training.experiment import Experiment
+from sora_jax.training.vae_experiment import VAEExperiment, load_vae
+from tests.helpers import tiny_data_dir
+
+
+def vae_config(arg="runlocal", **train):
+    config = vae_moving_shapes.get_config(arg)
+    config.data.data_dir = tiny_data_dir()
+    config.train.update(train)
+    return config
+
+
+def dit_config(vae_workdir, **data):
+    config = moving_shapes.get_config("runlocal")
+    config.data.data_dir = tiny_data_dir()
+    config.autoencoder.workdir = vae_workdir
+    config.data.update(data)
+    return config
+
+
+def params_of(state, group="vae"):
+    return jax.device_get(state.groups[group].params)
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("vae"))
+    state = loop.train(vae_config(), workdir)
+    return workdir, state
+
+
+def test_vae_trains_in_the_shared_loop_with_metrics_samples_and_latent_stats(vae_run):
+    workdir, state = vae_run
+    assert int(state.step) == 4
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        keys = set().union(*(json.loads(line) for line in f))
+    assert {"loss", "pixel_loss", "kl", "psnr", "frames_per_s", "val/psnr", "val/l1"} <= keys
+    assert os.listdir(os.path.join(workdir, "samples"))
+    vae, params = load_vae(workdir)
+    assert params["shift"].shape == params["scale"].shape == (4,)
+    assert np.all(np.asarray(params["scale"]) > 0)
+    # The stored statistics normalise training latents to zero mean and unit variance.
+    batch = next(iter(pipeline.make_loader(
+        name="moving_shapes", builder_config="tiny", data_dir=tiny_data_dir(), split="train",
+        batch_size=8, seed=0, shuffle=False, num_epochs=1)))
+    z = np.asarray(vae.encode(params, batch["video"]))
+    assert np.abs(z.reshape(-1, 4).mean(0)).max() < 0.5
+    assert np.all(np.abs(z.reshape(-1, 4).std(0) - 1) < 0.5)
+
+
+def test_interrupted_vae_training_resumes_to_the_same_weights(vae_run, tmp_path):
+    _, uninterrupted = vae_run
+    loop.train(vae_config(num_steps=2), str(tmp_path))
+    resumed = loop.train(vae_config(), str(tmp_path))
+    assert int(resumed.step) == 4
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 params_of(resumed), params_of(uninterrupted))
+
+
+def test_adversarial_training_updates_the_discriminator_from_disc_start(tmp_path):
+    config = vae_config("runlocal,adversarial", num_steps=3)  # disc_start = 2
+    exp = VAEExperiment(config, devices=jax.devices()[:1])
+    state = exp.init_state(jax.random.key(0))
+    step = exp.jit_train_step(donate=False)
+    batch = {"video": jax.random.uniform(jax.random.key(1), exp.batch_shapes()["video"].shape,
+                                         minval=-1, maxval=1)}
+    disc_before = params_of(state, "disc")
+    with exp.activate():
+        state, early = step(state, batch, jax.random.key(2))  # step 0: before disc_start
+        for _ in range(2):
+            state, late = step(state, batch, jax.random.key(2))
+    assert float(early["adaptive_weight"]) == 0.0 and float(late["adaptive_weight"]) > 0.0
+    assert np.isfinite(float(late["disc_loss"])) and np.isfinite(float(late["generator_loss"]))
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params_of(state, "disc"),
+                         disc_before)
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_evaluate_reports_reconstruction_psnr_ssim_and_compression(vae_run):
+    workdir, _ = vae_run
+    result = evaluate(workdir, num_videos=8)
+    assert result["task"] == "vae" and result["num_videos"] == 8
+    assert result["latent_shape"] == [2, 4, 4, 4]
+    assert result["compression"] == pytest.approx(5 * 16 * 16 * 3 / (2 * 4 * 4 * 4))
+    assert 0 < result["psnr"] < 100 and -1 <= result["ssim"] <= 1
+    assert any(f.endswith(".gif") for f in os.listdir(os.path.join(workdir, "eval")))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(vae_run, tmp_path_factory):
+    workdir, _ = vae_run
+    out = str(tmp_path_factory.mktemp("cache") / "latents")
+    cache_latents(dit_config(workdir), out=out)
+    return out
+
+
+def test_latent_cache_round_trips_latents_captions_and_text_embeddings(vae_run, cache_dir):
+    workdir, _ = vae_run
+    metadata = latent_cache.read_metadata(cache_dir)
+    assert metadata["latent_shape"] == [2, 4, 4, 4] and metadata["text_embeddings"]
+    cached = next(iter(pipeline.make_loader(
+        name="moving_shapes", builder_config="tiny", data_dir=None, split="validation",
+        batch_size=4, seed=0, shuffle=False, num_epochs=1, latent_cache=cache_dir)))
+    pixels = next(iter(pipeline.make_loader(
+        name="moving_shapes", builder_config="tiny", data_dir=tiny_data_dir(), split="validation",
+        batch_size=4, seed=0, shuffle=False, num_epochs=1)))
+    exp = Experiment(dit_config(workdir), devices=jax.devices()[:1])
+    assert list(cached["caption"]) == list(pixels["caption"])
+    np.testing.assert_array_equal(cached["colour"], pixels["colour"])
+    np.testing.assert_allclose(cached["latent"], exp.encode_video(pixels["video"]), atol=1e-6)
+    text, mask = exp.text_encoder.encode(list(pixels["caption"]))
+    np.testing.assert_array_equal(cached["text_mask"], np.asarray(mask))
+    np.testing.assert_allclose(cached["text"], np.asarray(text), atol=2e-3)  # stored as float16
+
+
+def test_an_existing_cache_is_kept_and_never_overwritten(vae_run, cache_dir):
+    before = os.path.getmtime(os.path.join(cache_dir, latent_cache.METADATA))
+    assert cache_latents(dit_config(vae_run[0]), out=cache_dir) == cache_dir
+    assert os.path.getmtime(os.path.join(cache_dir, latent_cache.METADATA)) == before
+    with pytest.raises(FileExistsError, match="already exists"):
+        latent_cache.write_cache(cache_dir, {}, encode_video=None, encode_text=None, metadata={})
+
+
+def test_dit_trains_on_the_latent_cache_and_samples_through_the_vae(vae_run, cache_dir, tmp_path):
+    config = dit_config(vae_run[0], latent_cache=cache_dir)
+    state = loop.train(config, str(tmp_path))
+    assert int(state.step) == config.train.num_steps
+    assert os.listdir(tmp_path / "samples")
+
+
+def test_a_vae_whose_latents_differ_from_the_dit_config_is_refused(vae_run, cache_dir, tmp_path):
+    config = dit_config(vae_run[0])
+    config.autoencoder.latent_channels = 8
+    with pytest.raises(ValueError, match="latent geometry"):
+        loop.train(config, str(tmp_path / "a"))
+    config = dit_config(vae_run[0], latent_cache=cache_dir)
+    config.data.frames, config.data.builder_config = 9, "f9_s16"
+    with pytest.raises(ValueError, match=r"latent cache .* does not match"):
+        latent_cache.check_matches(cache_dir, latent_shape=(3, 4, 4, 4), text_encoder="minilm",
+                                   max_length=config.text.max_length)
+    assert not os.path.exists(tmp_path / "a" / "checkpoints" / "0")
+
+
+def test_a_dit_workdir_pointed_at_a_non_vae_workdir_is_refused(tmp_path):
+    config = dit_config(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Experiment(config).loaded_autoencoder
