@@ -5,7 +5,7 @@ import tempfile
 
 import ml_collections
 
-from configs import moving_shapes
+from configs import moving_shapes, vae_moving_shapes
 
 
 @functools.cache
@@ -24,3 +24,19 @@ def tiny_config(**mesh) -> ml_collections.ConfigDict:
     if mesh:
         config.mesh = {**dict(data=1, fsdp=1, tensor=1, sequence=1), **mesh}
     return config
+
+
+def tiny_vae_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
+    """The VAE config's `runlocal` variant on the tiny dataset."""
+    config = vae_moving_shapes.get_config(arg)
+    config.data.data_dir = tiny_data_dir()
+    return config
+
+
+@functools.cache
+def tiny_vae_workdir() -> str:
+    """A VAE trained by the runlocal config (4 steps), once per test session."""
+    from sora_jax.training import loop
+    workdir = tempfile.mkdtemp(prefix="sora_jax_vae_")
+    loop.train(tiny_vae_config(), workdir)
+    return workdir

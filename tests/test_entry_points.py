@@ -25,7 +25,7 @@ def run(*args, check=True):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("e2e"))
-    run("sora_jax.train", "--config=configs/moving_shapes.py:runlocal",
+    run("sora_jax.train", "--config=configs/moving_shapes.py:runlocal,pixels",
         f"--config.data.data_dir={tiny_data_dir()}", f"--workdir={workdir}")
     return workdir
 
@@ -78,7 +78,7 @@ def test_generate_rejects_bad_input_with_a_clear_message(workdir, tmp_path, args
 
 
 def test_train_rejects_unknown_config_key():
-    result = run("sora_jax.train", "--config=configs/moving_shapes.py:runlocal",
+    result = run("sora_jax.train", "--config=configs/moving_shapes.py:runlocal,pixels",
                  "--config.model.widht=3", "--workdir=/tmp/unused", check=False)
     assert result.returncode != 0
     assert "widht" in result.stderr

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from sora_jax.training import loop
+from sora_jax.training import loop, text_cache
 from sora_jax.training.checkpoint import CheckpointMismatchError, Checkpointer
 from sora_jax.training.experiment import Experiment
 from tests.helpers import tiny_config
@@ -94,7 +94,7 @@ class SignalAfter:
     """Wraps the text encoder to act (SIGTERM to this process, or NaN text) at its n-th call."""
 
     def __init__(self, monkeypatch, calls: int, action: str):
-        original, count = loop.CachedTextEncoder, [0]
+        original, count = text_cache.CachedTextEncoder, [0]
 
         class Encoder(original):
             def __call__(self, captions):
@@ -107,7 +107,7 @@ class SignalAfter:
                         text = np.full_like(text, np.nan)
                 return text, mask
 
-        monkeypatch.setattr(loop, "CachedTextEncoder", Encoder)
+        monkeypatch.setattr(text_cache, "CachedTextEncoder", Encoder)
 
 
 def test_sigterm_saves_and_rerunning_resumes_with_the_same_losses(tmp_path, monkeypatch):

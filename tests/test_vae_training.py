@@ -3,24 +3,24 @@ that generates in its latents."""
 
 import json
 import os
+import signal
 
 import jax
 import numpy as np
 import pytest
 
-from configs import moving_shapes, vae_moving_shapes
+from configs import moving_shapes
 from sora_jax.cache_latents import cache_latents
 from sora_jax.data import latent_cache, pipeline
 from sora_jax.evaluate import evaluate
 from sora_jax.training import loop
 from sora_jax.training.experiment import Experiment
 from sora_jax.training.vae_experiment import VAEExperiment, load_vae
-from tests.helpers import tiny_data_dir
+from tests.helpers import tiny_data_dir, tiny_vae_config, tiny_vae_workdir
 
 
 def vae_config(arg="runlocal", **train):
-    config = vae_moving_shapes.get_config(arg)
-    config.data.data_dir = tiny_data_dir()
+    config = tiny_vae_config(arg)
     config.train.update(train)
     return config
 
@@ -38,10 +38,9 @@ def params_of(state, group="vae"):
 
 
 @pytest.fixture(scope="module")
-def vae_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("vae"))
-    state = loop.train(vae_config(), workdir)
-    return workdir, state
+def vae_run():
+    workdir = tiny_vae_workdir()
+    return workdir, loop.train(vae_config(), workdir)  # finished: restores the final state
 
 
 def test_vae_trains_in_the_shared_loop_with_metrics_samples_and_latent_stats(vae_run):
@@ -63,9 +62,20 @@ def test_vae_trains_in_the_shared_loop_with_metrics_samples_and_latent_stats(vae
     assert np.all(np.abs(z.reshape(-1, 4).std(0) - 1) < 0.5)
 
 
-def test_interrupted_vae_training_resumes_to_the_same_weights(vae_run, tmp_path):
+def test_preempted_vae_training_resumes_to_the_same_weights(vae_run, tmp_path, monkeypatch):
     _, uninterrupted = vae_run
-    loop.train(vae_config(num_steps=2), str(tmp_path))
+    calls, make_batch = [0], VAEExperiment.make_batch
+
+    def sigterm_at_step_2(self, host):
+        calls[0] += 1  # calls 1-2: validation and statistics batches; call k + 2: step k
+        if calls[0] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return make_batch(self, host)
+
+    with monkeypatch.context() as m:
+        m.setattr(VAEExperiment, "make_batch", sigterm_at_step_2)
+        preempted = loop.train(vae_config(), str(tmp_path))
+    assert int(preempted.step) == 2
     resumed = loop.train(vae_config(), str(tmp_path))
     assert int(resumed.step) == 4
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
