@@ -130,7 +130,10 @@ def evaluate_vae(workdir, config, *, num_videos=None, seed=0, checkpoint_step=No
         "split": split,
         "num_videos": len(originals),
         "latent_shape": [t, h, w, ch],
-        "compression": c.frames * c.height * c.width * 3 / (t * h * w * ch),
+        # Values per latent value: s_t * s_s^2 * 3 / C for the VAE, and for these clips (whose lone
+        # first frame makes it lower).
+        "compression": vae.temporal_compression * vae.spatial_compression ** 2 * 3 / ch,
+        "compression_of_these_clips": c.frames * c.height * c.width * 3 / (t * h * w * ch),
         "psnr": float(np.mean(psnr)),
         "psnr_p10": float(np.percentile(psnr, 10)),
         "ssim": float(np.mean(ssim)),

@@ -39,13 +39,10 @@ decode to 8). CogVideoX's pipelines use odd latent counts (49 frames -> 13, 81 -
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import json
 import math
 import pathlib
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,13 +50,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
-from flax import traverse_util
 
+from sora_jax.models import diffusers_io
 from sora_jax.models.vae import CausalConv3d, check_video
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = WEIGHTS_NAME + ".index.json"
+WEIGHTS_NAME, INDEX_NAME = diffusers_io.WEIGHTS_NAME, diffusers_io.INDEX_NAME
+_CLASS_NAME = "AutoencoderKLCogVideoX"
 
 # diffusers' frame batch sizes (`num_sample_frames_batch_size`, `num_latent_frames_batch_size`).
 ENCODER_FRAME_BATCH = 8
@@ -465,59 +461,6 @@ def _run_in_batches(net: CogVideoXNet, method: str, params, x: jax.Array, size: 
 
 # Loading diffusers checkpoints --------------------------------------------------------------------
 
-# torch -> flax axis order of convolution kernels: Conv3d [out, in, t, h, w] -> [t, h, w, in, out],
-# Conv2d [out, in, h, w] -> [h, w, in, out].
-_KERNEL_AXES = {5: (2, 3, 4, 1, 0), 4: (2, 3, 1, 0)}
-
-
-def _torch_name(path: tuple[str, ...]) -> str:
-    """Flax parameter path -> diffusers tensor name, e.g.
-    ('encoder', 'down_blocks_0', 'resnets_1', 'norm1', 'scale') ->
-    'encoder.down_blocks.0.resnets.1.norm1.weight'."""
-    modules = [re.sub(r"_(\d+)$", r".\1", name) for name in path[:-1]]
-    return ".".join(modules + ["bias" if path[-1] == "bias" else "weight"])
-
-
-def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    axes = _KERNEL_AXES.get(len(flax_shape))
-    return flax_shape if axes is None else tuple(flax_shape[i] for i in np.argsort(axes))
-
-
-def _to_flax(tensor: np.ndarray, dtype: Any) -> jax.Array:
-    axes = _KERNEL_AXES.get(tensor.ndim)
-    return jnp.asarray(tensor if axes is None else tensor.transpose(axes), dtype)
-
-
-def _weight_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    """The folder's safetensors: the single weights file, or the shards its index lists."""
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
-    if (folder / INDEX_NAME).is_file():
-        shards = sorted(set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values()))
-        missing = [name for name in shards if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{folder / INDEX_NAME} lists shards that are not in {folder}: "
-                                    f"{missing}. Download them next to the index.")
-        return [folder / name for name in shards]
-    raise FileNotFoundError(
-        f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}. Fetch the VAE's safetensors "
-        f"weights into it, or write them with diffusers' `save_pretrained(folder)` (the default "
-        f"safe_serialization=True); PyTorch .bin checkpoints are not read.")
-
-
-@functools.cache
-def _param_shapes(net: CogVideoXNet, in_channels: int) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Flax parameter path -> shape, from tracing `net.init` (nothing is computed)."""
-    size = 2 ** (len(net.channels) - 1)
-    video = jax.ShapeDtypeStruct((1, 1, size, size, in_channels), jnp.float32)
-    params = jax.eval_shape(net.init, jax.random.key(0), video)["params"]
-    return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(params).items()}
-
-
-def _listing(names: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
 
 def load_cogvideox_vae(path: str | pathlib.Path, dtype: Any = jnp.float32
                        ) -> tuple[CogVideoXVAE, Any]:
@@ -526,44 +469,15 @@ def load_cogvideox_vae(path: str | pathlib.Path, dtype: Any = jnp.float32
     The folder holds config.json and diffusion_pytorch_model.safetensors, or the shards listed by
     diffusion_pytorch_model.safetensors.index.json (e.g. the `vae/` folder of a CogVideoX pipeline).
     Parameters are returned as jnp arrays of `dtype` (float32, bfloat16 and float16 checkpoints all
-    read: importing jax teaches numpy bfloat16).
+    read).
 
     Raises:
       FileNotFoundError: naming a missing folder, config.json, weights file or shard.
-      ValueError: naming tensors that are missing, unexpected or of the wrong shape for the config.
+      ValueError: for a config.json of another class, or naming tensors that are missing,
+        unexpected or of the wrong shape for the config.
     """
     folder = pathlib.Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{folder} is not a folder. Pass a diffusers-layout CogVideoX VAE folder (config.json "
-            f"and {WEIGHTS_NAME}), such as the vae/ subfolder of a CogVideoX pipeline.")
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing: a diffusers VAE folder needs the "
-                                f"model's config.json next to its weights.")
-    vae = CogVideoXVAE(json.loads(config_file.read_text()), dtype)
-    expected = {_torch_name(p): (p, shape)
-                for p, shape in _param_shapes(vae.net, vae.in_channels).items()}
-
-    with contextlib.ExitStack() as stack:
-        files = {file: stack.enter_context(safetensors.safe_open(str(file), framework="np"))
-                 for file in _weight_files(folder)}
-        where = {name: file for file, handle in files.items() for name in handle.keys()}
-        missing = sorted(set(expected) - set(where))
-        unexpected = sorted(set(where) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"The checkpoint in {folder} does not match its config.json. "
-                f"Missing tensors: {_listing(missing) or 'none'}. "
-                f"Unexpected tensors: {_listing(unexpected) or 'none'}.")
-        wrong = []
-        for name, (_, shape) in expected.items():
-            found = tuple(files[where[name]].get_slice(name).get_shape())
-            if found != _torch_shape(shape):
-                wrong.append(f"{name} in {where[name].name} has shape {found}, "
-                             f"config.json implies {_torch_shape(shape)}")
-        if wrong:
-            raise ValueError(f"Tensors of the wrong shape in {folder}: " + "; ".join(wrong) + ".")
-        params = {p: _to_flax(files[where[name]].get_tensor(name), dtype)
-                  for name, (p, _) in expected.items()}
-    return vae, traverse_util.unflatten_dict(params)
+    vae = CogVideoXVAE(diffusers_io.read_config(folder, _CLASS_NAME), dtype)
+    s = vae.spatial_compression
+    shapes = diffusers_io.param_shapes(vae.net, (1, 1, s, s, vae.in_channels))
+    return vae, diffusers_io.read_params(folder, shapes, _CLASS_NAME, dtype)

@@ -28,7 +28,6 @@ a list index written `_3` for `.3`, so checkpoint names map one to one; torch ke
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 from collections.abc import Sequence
@@ -38,14 +37,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
-from safetensors import safe_open
 
+from sora_jax.models import diffusers_io
 from sora_jax.models.attention import attention
 from sora_jax.models.vae import CausalConv3d, chunk_bounds, run_chunked, check_video
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+WEIGHTS_NAME, INDEX_NAME = diffusers_io.WEIGHTS_NAME, diffusers_io.INDEX_NAME
+_CLASS_NAME = "AutoencoderKLWan"
 
 # Layers -------------------------------------------------------------------------------------------
 
@@ -377,121 +375,21 @@ def load_wan_vae(path: str | pathlib.Path, dtype: Any = jnp.float32) -> tuple[Wa
     or shards listed in diffusion_pytorch_model.safetensors.index.json), e.g. the `vae` subfolder of a
     Wan 2.1 diffusers pipeline. Returns the autoencoder and its parameters, as `dtype` arrays."""
     folder = pathlib.Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"No folder {folder}: give the folder of a diffusers AutoencoderKLWan (config.json and "
-            f"{WEIGHTS_NAME}), e.g. the 'vae' subfolder of a Wan 2.1 diffusers pipeline.")
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing: the folder must hold the VAE's diffusers "
-                                f"config.json next to its weights (the pipeline's 'vae' subfolder).")
-    config = json.loads(config_file.read_text())
-    if config.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
-        raise ValueError(f"{config_file} describes a {config['_class_name']}, not an AutoencoderKLWan.")
-    vae = WanVAE(config, dtype)
-    return vae, _params_from_state_dict(vae, _read_checkpoint(folder), str(folder))
-
-
-def _read_checkpoint(folder: pathlib.Path) -> dict[str, np.ndarray]:
-    single, index = folder / WEIGHTS_NAME, folder / INDEX_NAME
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / shard for shard in shards]
-        for file in files:
-            if not file.is_file():
-                raise FileNotFoundError(f"{file} is missing: {index} lists it as a shard of the "
-                                        f"checkpoint; download every shard into {folder}.")
-    else:
-        found = sorted(p.name for p in folder.iterdir())
-        raise FileNotFoundError(
-            f"{folder} holds neither {WEIGHTS_NAME} nor {INDEX_NAME} (found: {found}). Weights must "
-            f"be safetensors; re-save torch .bin weights with diffusers' save_pretrained().")
-    tensors = {}
-    for file in files:
-        tensors.update(_read_safetensors(file))
-    return tensors
-
-
-def _read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
-    with safe_open(file, framework="np") as f:
-        names = list(f.keys())
-        bfloat16 = {name for name in names if f.get_slice(name).get_dtype() == "BF16"}
-        tensors = {name: f.get_tensor(name) for name in names if name not in bfloat16}
-    if bfloat16:
-        tensors.update(_read_bfloat16(file, bfloat16))
-    return tensors
-
-
-def _read_bfloat16(file: pathlib.Path, names: set[str]) -> dict[str, np.ndarray]:
-    """numpy has no bfloat16, so safetensors' numpy API cannot return these tensors: they are read
-    from the file's layout (an 8-byte header size, a JSON header, then the raw data)."""
-    data = np.memmap(file, np.uint8, mode="r")
-    header_size = int.from_bytes(data[:8].tobytes(), "little")
-    header = json.loads(data[8:8 + header_size].tobytes())
-    tensors = {}
-    for name in names:
-        start, stop = (8 + header_size + offset for offset in header[name]["data_offsets"])
-        tensors[name] = np.array(data[start:stop]).view(jnp.bfloat16).reshape(header[name]["shape"])
-    return tensors
+    vae = WanVAE(diffusers_io.read_config(folder, _CLASS_NAME), dtype)
+    s = vae.spatial_compression
+    shapes = diffusers_io.param_shapes(vae.net, (1, 1, s, s, vae.config.get("in_channels", 3)))
+    return vae, diffusers_io.read_params(folder, shapes, _CLASS_NAME, dtype, _torch_name, _torch_shape)
 
 
 def _torch_name(path: tuple[str, ...]) -> str:
     """('decoder', 'up_blocks_0', 'upsamplers_0', 'time_conv', 'conv', 'kernel') ->
     'decoder.up_blocks.0.upsamplers.0.time_conv.weight' ('conv' is CausalConv3d's inner layer)."""
-    *modules, leaf = path
-    names = []
-    for module in modules:
-        if module == "conv":
-            continue
-        stem, _, index = module.rpartition("_")
-        names.append(f"{stem}.{index}" if index.isdigit() else module)
-    return ".".join(names + [{"kernel": "weight"}.get(leaf, leaf)])
+    return diffusers_io.torch_name(tuple(module for module in path if module != "conv"))
 
 
-def _torch_shape(leaf: str, shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
-    """The checkpoint shape of a flax parameter: kernels [*k, in, out] are [out, in, *k]; norm gammas
-    carry trailing unit axes ([C, 1, 1, 1] in residual blocks, [C, 1, 1] in attention)."""
-    if leaf == "kernel":
-        return (shape[-1], shape[-2], *shape[:-2])
-    if leaf == "gamma":
-        return shape + (1,) * (ndim - 1)
-    return shape
-
-
-def _params_from_state_dict(vae: WanVAE, tensors: dict[str, np.ndarray], source: str) -> Any:
-    video = jnp.zeros((1, 1, vae.spatial_compression, vae.spatial_compression,
-                       vae.config.get("in_channels", 3)))
-    shapes = jax.eval_shape(lambda: vae.net.init(jax.random.key(0), video))["params"]
-    shapes = traverse_util.flatten_dict(shapes)
-    names = {path: _torch_name(path) for path in shapes}
-    params, missing, wrong = {}, [], []
-    for path, leaf in shapes.items():
-        name = names[path]
-        if name not in tensors:
-            missing.append(name)
-            continue
-        array = tensors[name]
-        expected = _torch_shape(path[-1], leaf.shape, array.ndim)
-        if array.shape != expected:
-            wrong.append(f"{name} {tuple(array.shape)} (expected {expected})")
-            continue
-        if path[-1] == "kernel":
-            array = array.transpose(*range(2, array.ndim), 1, 0)
-        params[path] = jnp.asarray(array.reshape(leaf.shape).astype(np.dtype(vae.dtype)))
-    unexpected = sorted(set(tensors) - set(names.values()))
-    problems = [f"{what}: {_listing(entries)}" for what, entries in
-                (("missing tensors", missing), ("tensors of the wrong shape", wrong),
-                 ("unexpected tensors", unexpected)) if entries]
-    if problems:
-        raise ValueError(
-            f"The checkpoint in {source} does not fit the architecture its config.json describes.\n  "
-            + "\n  ".join(problems) + "\nThe folder's config.json and weights must come from the same "
-            "Wan 2.1 AutoencoderKLWan; re-download or re-save them together.")
-    return traverse_util.unflatten_dict(params)
-
-
-def _listing(entries: list[str], limit: int = 8) -> str:
-    more = f" and {len(entries) - limit} more" if len(entries) > limit else ""
-    return ", ".join(entries[:limit]) + more
+def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The checkpoint shape of a flax parameter: norm gammas carry trailing unit axes, [C, 1, 1] in
+    attention and [C, 1, 1, 1] elsewhere."""
+    if path[-1] == "gamma":
+        return shape + (1,) * (2 if any(m.startswith("attentions_") for m in path) else 3)
+    return diffusers_io.torch_shape(path, shape)
