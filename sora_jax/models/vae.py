@@ -527,6 +527,7 @@ class CausalVAE:
 
 
 def chunk_bounds(length: int, *, first: int, rest: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges over `length` frames: `first` frames, then `rest` at a time."""
     bounds, start = [(0, min(first, length))], min(first, length)
     while start < length:
         bounds.append((start, min(start + rest, length)))
@@ -550,6 +551,8 @@ def chunk_fn(net: nn.Module, method):
 
 
 def run_chunked(net, params, method, x, bounds, *, to_host=False) -> list:
+    """`method` of `net` on x[:, start:stop] for each bound in order, the causal cache carried from
+    chunk to chunk; returns the outputs (moved to host memory one by one where to_host)."""
     run, cache, outputs = chunk_fn(net, method), {}, []
     for start, stop in bounds:
         out, cache = run(params, cache, x[:, start:stop])
