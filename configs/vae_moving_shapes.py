@@ -7,7 +7,7 @@ resolution on the CPU.
   python -m sora_jax.train --config=configs/vae_moving_shapes.py --workdir=workdirs/vae_moving_shapes
   python -m sora_jax.evaluate --workdir=workdirs/vae_moving_shapes     # PSNR / SSIM, held out
 
-On 2 CPU cores: 2400 steps at ~4.2 steps/s, about 9.5 minutes; 27.6 dB PSNR on held-out clips
+On 2 CPU cores: 2400 steps at ~4.1 steps/s, about 10 minutes; 27.6 dB PSNR on held-out clips
 (experiments/moving_shapes.md).
 
 A few real steps, to check that everything runs (under a minute):
