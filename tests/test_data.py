@@ -139,6 +139,26 @@ def test_make_caption_rejects_an_unknown_phrasing():
         ms.make_caption(attrs, np.random.default_rng(0), phrasing="test")
 
 
+def test_rephrasings_keep_the_attributes_and_change_only_the_wording_they_name():
+    training = {ex["caption"] for ex in _examples("train", 2000)}
+    for i, (colour, shape, direction) in enumerate(ms.TRAIN_COMBOS[:60]):
+        for style in ms.REPHRASINGS:
+            caption = ms.rephrase(colour, shape, direction, np.random.default_rng(i), style)
+            for words in (ms.COLOUR_WORDS[colour], ms.SHAPE_WORDS[shape]):
+                plain = " ".join(re.findall(r"[a-z]+", caption))
+                used = [w for w in words.train + words.heldout if f" {w} " in f" {plain} "]
+                assert used, (style, caption)  # the attribute is named ...
+                # ... with a held-out synonym exactly when that is the point of the style.
+                assert set(used) <= set(words.heldout if style == "synonyms" else words.train)
+            if style in ("word_order", "long"):
+                assert caption not in training, caption
+        train = ms.rephrase(colour, shape, direction, np.random.default_rng(i), "train")
+        long = ms.rephrase(colour, shape, direction, np.random.default_rng(i), "long")
+        assert len(long.split()) >= len(train.split()) + 5, (train, long)
+    with pytest.raises(ValueError, match="valid"):
+        ms.rephrase("red", "square", "left", np.random.default_rng(0), "shouting")
+
+
 def test_builder_prepares_and_data_source_reads_back_the_rendered_videos(data_dir):
     builder = pipeline.get_builder("moving_shapes", "tiny", data_dir)
     assert builder.is_prepared()

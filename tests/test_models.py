@@ -304,6 +304,19 @@ def test_dropped_captions_are_ignored_and_replaced_by_the_null_caption(params, a
     np.testing.assert_allclose(empty[0], out[0], atol=1e-6)
 
 
+def test_padding_tokens_of_the_caption_are_ignored_by_cross_attention(params, apply):
+    params = _perturbed(params)
+    x, t, text, mask = _inputs()
+    mask = mask.at[:, mask.shape[1] // 2:].set(False)  # the second half of every caption is padding
+    out = apply(params, x, t, text, mask)
+    padding = ~mask[..., None]
+    changed_padding = apply(params, x, t, jnp.where(padding, 100.0 * _normal(6, text.shape), text),
+                            mask)
+    np.testing.assert_allclose(changed_padding, out, atol=1e-5)
+    changed_valid = apply(params, x, t, jnp.where(padding, text, -text), mask)
+    assert float(jnp.max(jnp.abs(changed_valid - out))) > 1e-3
+
+
 def test_scanned_and_unrolled_blocks_share_parameters_and_outputs(params):
     x, t, text, mask = _inputs()
     looped = DiT(**MODEL, scan_layers=True)

@@ -281,6 +281,43 @@ def make_caption(attrs: Attributes, rng: np.random.Generator, phrasing: str = "t
         a=article, desc=desc, moves=moves, moving=moving, bg=bg)
 
 
+# Evaluation-only rewordings of a prompt's attributes, to measure how prompt adherence depends on
+# the wording alone (`rephrase`). None of them is ever a training caption:
+#   train       training templates and words (the reference)
+#   synonyms    training templates; every word with a held-out synonym uses it
+#   word_order  training words in sentence orders training never shows
+#   long        training words inside a longer descriptive sentence
+REPHRASINGS = ("train", "synonyms", "word_order", "long")
+WORD_ORDER_TEMPLATES = ("{moving}, {a} {desc}", "{a} {shape} in {colour}, {moving}")
+LONG_TEMPLATES = (
+    "in this short clip {a} {desc} {moves} and nothing else in the frame changes",
+    "the video shows a single {desc} that {moves}, from the first frame to the last",
+)
+
+
+def rephrase(colour: str, shape: str, direction: str, rng: np.random.Generator,
+             style: str) -> str:
+    """A prompt for (colour, shape, direction) worded in `style`, one of `REPHRASINGS`."""
+    if style not in REPHRASINGS:
+        raise ValueError(f"Unknown rephrasing {style!r}; valid: {list(REPHRASINGS)}.")
+
+    def pick(words: Words) -> Any:
+        options = words.heldout if style == "synonyms" else words.train
+        return options[rng.integers(len(options))]
+
+    colour_word, shape_word = pick(COLOUR_WORDS[colour]), pick(SHAPE_WORDS[shape])
+    if direction == "still":
+        moves, moving = pick(STILL_PHRASES)
+    else:
+        (verb, participle), where = pick(VERBS), pick(DIRECTION_WORDS[direction])
+        moves, moving = f"{verb} {where}", f"{participle} {where}"
+    templates = {"train": TEMPLATES.train, "synonyms": TEMPLATES.train,
+                 "word_order": WORD_ORDER_TEMPLATES, "long": LONG_TEMPLATES}[style]
+    desc = f"{colour_word} {shape_word}"
+    return templates[rng.integers(len(templates))].format(
+        a="an" if desc[0] in "aeiou" else "a", desc=desc, colour=colour_word, shape=shape_word,
+        moves=moves, moving=moving, bg="")
+
 def make_example(seed: int, split: str, index: int, frames: int, height: int,
                  width: int) -> dict[str, Any]:
     """Example `index` of `split` as the builder stores it; video: uint8 [frames, height, width, 3]
