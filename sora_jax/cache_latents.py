@@ -25,7 +25,8 @@ def cache_latents(config, out: str | None = None, splits: list[str] | None = Non
     import tqdm
 
     from sora_jax.data import latent_cache, pipeline
-    from sora_jax.training.experiment import Experiment
+    from sora_jax.parallel import mesh as mesh_lib
+    from sora_jax.training.experiment import Experiment, text_identity
     from sora_jax.training.text_cache import CachedTextEncoder
 
     out = out or config.data.get("latent_cache")
@@ -34,13 +35,16 @@ def cache_latents(config, out: str | None = None, splits: list[str] | None = Non
     if os.path.exists(os.path.join(out, latent_cache.METADATA)):
         logging.info("Latent cache %s exists; keeping it (delete it to rebuild).", out)
         return out
+    # Clips are encoded on one device (batches of any size); the text encoder's parameters stay
+    # sharded over the config's mesh of all devices.
+    text_mesh = mesh_lib.make_mesh(dict(config.mesh), jax.devices())
     with config.unlocked():
         config.data.latent_cache = None  # read pixels
         config.mesh = dict(data=1, fsdp=1, tensor=1, sequence=1)
     exp = Experiment(config, devices=jax.devices()[:1])
     splits = splits or [config.data.train_split, config.data.validation_split]
     data_kw = pipeline.data_kwargs(config.data)
-    text_encoder = CachedTextEncoder(exp.text_encoder)
+    text_encoder = CachedTextEncoder(exp.make_text_encoder(text_mesh))
 
     def batches(split):
         loader = pipeline.make_loader(**data_kw, split=split, batch_size=config.data.batch_size,
@@ -58,7 +62,7 @@ def cache_latents(config, out: str | None = None, splits: list[str] | None = Non
     ae_config = config.autoencoder.to_dict()
     metadata = {"dataset": f"{config.data.name}/{config.data.builder_config}",
                 "autoencoder": {k: v for k, v in ae_config.items()},
-                "text_encoder": config.text.encoder, "max_length": config.text.max_length}
+                "text": text_identity(config.text)}
     latent_cache.write_cache(out, {s: batches(s) for s in splits}, encode_video=exp.encode_video,
                              encode_text=text_encoder, metadata=metadata, progress=progress)
     for bar in bars.values():

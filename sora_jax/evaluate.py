@@ -1,6 +1,7 @@
 r"""Evaluates a trained workdir and prints one JSON object.
 
-  python -m sora_jax.evaluate --workdir=DIR [--num_prompts N | --num_videos N]
+  python -m sora_jax.evaluate --workdir=DIR [--num_prompts N | --num_videos N] [--split S]
+      [--rephrase train|synonyms|word_order|long] [--expand_prompt moving_shapes|URL]
 
 The task comes from the workdir's saved config. For text-to-video, videos are generated for
 held-out prompts (attribute combinations and phrasings never seen in training) and an analytic
@@ -19,8 +20,15 @@ FLAGS = flags.FLAGS
 
 
 def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, guidance=None, seed=0,
-                           checkpoint_step=None, split=None) -> dict:
-    """Prompt adherence of generated videos on the config's held-out split."""
+                           checkpoint_step=None, split=None, rephrase=None,
+                           expand_prompt=None) -> dict:
+    """Prompt adherence of generated videos on the config's held-out split.
+
+    `rephrase` (moving_shapes only) replaces each caption by the same attributes worded in one of
+    `moving_shapes.REPHRASINGS` ('train', 'synonyms', 'word_order', 'long'), to measure how
+    adherence depends on the wording alone. `expand_prompt` passes the captions through a prompt
+    expander first, as `generate --expand_prompt` does.
+    """
     import jax
     import numpy as np
     import tqdm
@@ -29,7 +37,7 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     from sora_jax.data.video_io import write_video
     from sora_jax.eval import detector
     from sora_jax.training.checkpoint import restore_for_inference
-    from sora_jax.training.experiment import Experiment, to_uint8
+    from sora_jax.training.experiment import Experiment, guidance_settings, to_uint8
 
     exp = Experiment(config)
     state, step = restore_for_inference(workdir, exp.abstract_state(), checkpoint_step)
@@ -42,7 +50,15 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     prompts = pipeline.eval_prompts(**data_kw, split=split, num=num_prompts)
     if len(prompts) < num_prompts:
         logging.warning("Only %d prompts in split %r.", len(prompts), split)
-    sampler = exp.make_sampler(steps=steps, guidance=guidance)
+    if rephrase is not None:
+        prompts = rephrase_prompts(prompts, config.data.name, rephrase, seed)
+    if expand_prompt is not None:
+        from sora_jax.prompt_expansion import expand_prompts, get_prompt_expander
+        expanded = expand_prompts([p["caption"] for p in prompts],
+                                  get_prompt_expander(expand_prompt, seed=seed))
+        prompts = [dict(p, caption=c) for p, c in zip(prompts, expanded)]
+    settings = guidance_settings(config.sampling, guidance=guidance)
+    sampler = exp.make_sampler(steps=steps, **settings)
     params = state.groups["dit"].inference_params
     batch_size = config.eval.batch_size
     videos = []
@@ -57,16 +73,21 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     reference = detector.score(np.stack([p["video"] for p in prompts]), prompts) \
         if "video" in prompts[0] else None
     out_dir = os.path.join(workdir, "eval")
-    name = f"step_{step:06d}_{split}_g{guidance:g}_s{steps}"
+    name = (f"step_{step:06d}_{split}{'_' + rephrase if rephrase else ''}"
+            f"{'_expanded' if expand_prompt else ''}_g{guidance:g}_s{steps}")
     write_video(os.path.join(out_dir, name + ".gif"), videos[:16])
     result = {
         "task": config.task,
         "workdir": os.path.abspath(workdir),
         "checkpoint_step": int(step),
         "split": split,
+        "phrasing": rephrase or "dataset",
+        "expand_prompt": expand_prompt,
         "num_prompts": len(prompts),
         "sampling_steps": steps,
         "guidance": guidance,
+        "guidance_rescale": settings["guidance_rescale"],
+        "guidance_interval": list(settings["guidance_interval"]),
         "seed": seed,
         **generated,
     }
@@ -75,6 +96,22 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     with open(os.path.join(out_dir, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def rephrase_prompts(prompts: list[dict], dataset: str, style: str, seed: int) -> list[dict]:
+    """The prompts with each caption reworded in `style` from its labels (see
+    `moving_shapes.rephrase`); deterministic given `seed`."""
+    import numpy as np
+
+    from sora_jax.data import moving_shapes
+
+    if dataset != "moving_shapes":
+        raise ValueError(f"--rephrase is defined for the moving_shapes dataset, not {dataset!r}.")
+    return [
+        dict(p, caption=moving_shapes.rephrase(p["colour"], p["shape"], p["direction"],
+                                               np.random.default_rng((seed, i)), style))
+        for i, p in enumerate(prompts)
+    ]
 
 
 def evaluate_vae(workdir, config, *, num_videos=None, seed=0, checkpoint_step=None, split=None,
@@ -170,6 +207,11 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_string("split", None, "Dataset split (default: config.data.eval_split, held "
                                  "out); e.g. 'validation' to tune sampling settings without it.")
+    flags.DEFINE_string("rephrase", None, "Reword every prompt of the split from its attributes "
+                        "(moving_shapes): 'train' (training wording), 'synonyms' (held-out "
+                        "synonyms), 'word_order' (unseen word order) or 'long' (longer sentences).")
+    flags.DEFINE_string("expand_prompt", None, "Expand every prompt first: 'moving_shapes' "
+                        "(offline) or an OpenAI-compatible endpoint URL.")
     flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
     flags.mark_flags_as_required(["workdir"])
 
@@ -183,7 +225,8 @@ def main(argv):
     if config_task == "vae":
         kwargs.update(num_videos=FLAGS.num_videos)
     else:
-        kwargs.update(num_prompts=FLAGS.num_prompts, steps=FLAGS.steps, guidance=FLAGS.guidance)
+        kwargs.update(num_prompts=FLAGS.num_prompts, steps=FLAGS.steps, guidance=FLAGS.guidance,
+                      rephrase=FLAGS.rephrase, expand_prompt=FLAGS.expand_prompt)
     result = evaluate(FLAGS.workdir, **kwargs)
     print(json.dumps(result))
 

@@ -1,11 +1,19 @@
 r"""Generates videos from text with a trained workdir's EMA weights.
 
   python -m sora_jax.generate --workdir=DIR --prompt="a red square slides to the left" \
-      --out=samples.mp4 [--frames N --height H --width W --steps S --guidance G --seed K \
-      --num_samples M]
+      --out=samples.mp4 [--frames N --height H --width W --steps S --seed K --num_samples M \
+      --guidance G --guidance_rescale PHI --guidance_interval=LO,HI --negative_prompt="..." \
+      --expand_prompt=moving_shapes|URL]
 
 Several --prompt flags give several videos; all samples are tiled side by side into --out
-(.mp4, .gif, or .png for a grid of frames). The model and its sizes come from the workdir's config.
+(.mp4, .gif, or .png for a grid of frames). The model and its sizes come from the workdir's config,
+and the guidance settings default to its config.sampling. One --negative_prompt applies to every
+prompt; repeated once per --prompt, each applies to its own.
+
+--expand_prompt rewrites each prompt as a detailed caption first (`prompt_expansion`): offline
+for the moving_shapes vocabulary, or through any OpenAI-compatible chat endpoint given by URL
+(--expand_model; the key, if any, from the environment variable --expand_api_key_env). If
+expansion fails, the error is logged and the original prompts are used.
 """
 
 from absl import app, flags, logging
@@ -13,15 +21,49 @@ from absl import app, flags, logging
 FLAGS = flags.FLAGS
 
 
+def pair_negative_prompts(prompts: list[str], negative_prompts: list[str] | None):
+    """One negative prompt per prompt: a single one is shared, otherwise one each; None for none."""
+    if not negative_prompts:
+        return None
+    if len(negative_prompts) == 1:
+        return negative_prompts * len(prompts)
+    if len(negative_prompts) != len(prompts):
+        raise ValueError(f"Give one --negative_prompt for all prompts or one per --prompt "
+                         f"({len(prompts)}), not {len(negative_prompts)}.")
+    return list(negative_prompts)
+
+
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """'lo,hi' -> (lo, hi); None stays None."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--guidance_interval must be 'lo,hi', e.g. 0.1,0.9; "
+                         f"got {text!r}.") from None
+    return lo, hi
+
+
 def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=None, width=None,
-             steps=None, guidance=None, seed=0, num_samples=1, checkpoint_step=None):
-    """Samples `num_samples` videos per prompt, writes them tiled to `out`, returns (path, videos)."""
+             steps=None, guidance=None, guidance_rescale=None, guidance_interval=None,
+             negative_prompts=None, seed=0, num_samples=1, checkpoint_step=None,
+             expand_prompt=None, expand_model="gpt-4o-mini", expand_api_key_env="OPENAI_API_KEY"):
+    """Samples `num_samples` videos per prompt, writes them tiled to `out`, returns (path, videos).
+
+    expand_prompt: None, 'moving_shapes' or an OpenAI-compatible endpoint URL
+    (`prompt_expansion.get_prompt_expander`); prompts are expanded before encoding.
+
+    guidance, guidance_rescale, guidance_interval: `sampling.Guidance`'s scale, rescale and
+    (lo, hi); None takes the workdir's config.sampling. negative_prompts: None, one for every
+    prompt, or one per prompt; the unconditional branch of guidance sees them.
+    """
     import jax
     import numpy as np
 
     from sora_jax.data.video_io import check_writable, write_video
     from sora_jax.training.checkpoint import restore_for_inference
-    from sora_jax.training.experiment import Experiment, to_uint8
+    from sora_jax.training.experiment import Experiment, guidance_settings, to_uint8
     from sora_jax.training.loop import load_config
 
     check_writable(out)
@@ -29,18 +71,29 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
         raise ValueError("Every --prompt must be non-empty text, e.g. --prompt='a red square slides left'.")
     if num_samples < 1:
         raise ValueError(f"--num_samples must be at least 1, got {num_samples}.")
+    negative_prompts = pair_negative_prompts(prompts, negative_prompts)
+    if expand_prompt:
+        from sora_jax.prompt_expansion import expand_prompts, get_prompt_expander
+        expander = get_prompt_expander(expand_prompt, model=expand_model,
+                                       api_key_env=expand_api_key_env, seed=seed)
+        prompts = expand_prompts(prompts, expander)
     config = load_config(workdir)
     with config.unlocked():
         config.data.frames = frames or config.data.frames
         config.data.height = height or config.data.height
         config.data.width = width or config.data.width
     exp = Experiment(config)
+    sampler = exp.make_sampler(steps=steps or config.sampling.steps, **guidance_settings(
+        config.sampling, guidance=guidance, guidance_rescale=guidance_rescale,
+        guidance_interval=guidance_interval))
     state, step = restore_for_inference(workdir, exp.abstract_state(), checkpoint_step)
-    sampler = exp.make_sampler(steps=steps or config.sampling.steps,
-                               guidance=config.sampling.guidance if guidance is None else guidance)
-    all_prompts = [p for p in prompts for _ in range(num_samples)]
-    text, mask = exp.text_encoder.encode(all_prompts)
-    video = sampler(state.groups["dit"].inference_params, text, mask, jax.random.key(seed))
+    repeat = lambda texts: [p for p in texts for _ in range(num_samples)]
+    text, mask = exp.text_encoder.encode(repeat(prompts))
+    negative_text = negative_mask = None
+    if negative_prompts is not None:
+        negative_text, negative_mask = exp.text_encoder.encode(repeat(negative_prompts))
+    video = sampler(state.groups["dit"].inference_params, text, mask, jax.random.key(seed),
+                    negative_text, negative_mask)
     videos = to_uint8(jax.device_get(video))
     path = write_video(out, videos)
     logging.info("Checkpoint step %d: %d videos of %s frames at %sx%s -> %s", step, len(videos),
@@ -57,7 +110,21 @@ def define_flags():
     flags.DEFINE_integer("height", None, "Height in pixels (default: training height).")
     flags.DEFINE_integer("width", None, "Width in pixels (default: training width).")
     flags.DEFINE_integer("steps", None, "Sampling steps (default: config.sampling.steps).")
-    flags.DEFINE_float("guidance", None, "Classifier-free guidance scale.")
+    flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: "
+                       "config.sampling).")
+    flags.DEFINE_float("guidance_rescale", None, "Guidance rescale phi in [0, 1] (Lin et al. 2023; "
+                       "default: config.sampling).")
+    flags.DEFINE_string("guidance_interval", None, "lo,hi: guide only at times lo <= t <= hi, "
+                        "t = 1 noise, 0 data (default: config.sampling).")
+    flags.DEFINE_multi_string("negative_prompt", None, "What guidance steers away from: one "
+                              "for all prompts, or repeated once per --prompt.")
+    flags.DEFINE_string("expand_prompt", None, "Rewrite prompts as detailed captions first: "
+                        "'moving_shapes' (offline) or an OpenAI-compatible endpoint URL, e.g. "
+                        "http://localhost:8000/v1.")
+    flags.DEFINE_string("expand_model", "gpt-4o-mini", "Model name sent to the --expand_prompt "
+                        "endpoint.")
+    flags.DEFINE_string("expand_api_key_env", "OPENAI_API_KEY", "Environment variable holding "
+                        "the endpoint's API key (sent only when set).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
     flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
@@ -70,8 +137,12 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     path, _ = generate(FLAGS.workdir, FLAGS.prompt, FLAGS.out, frames=FLAGS.frames,
                        height=FLAGS.height, width=FLAGS.width, steps=FLAGS.steps,
-                       guidance=FLAGS.guidance, seed=FLAGS.seed, num_samples=FLAGS.num_samples,
-                       checkpoint_step=FLAGS.checkpoint_step)
+                       guidance=FLAGS.guidance, guidance_rescale=FLAGS.guidance_rescale,
+                       guidance_interval=parse_interval(FLAGS.guidance_interval),
+                       negative_prompts=FLAGS.negative_prompt, seed=FLAGS.seed,
+                       num_samples=FLAGS.num_samples, checkpoint_step=FLAGS.checkpoint_step,
+                       expand_prompt=FLAGS.expand_prompt, expand_model=FLAGS.expand_model,
+                       expand_api_key_env=FLAGS.expand_api_key_env)
     print(path)
 
 

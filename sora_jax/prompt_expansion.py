@@ -382,10 +382,10 @@ def _training_caption(colour: str, shape: str, direction: str, size: str | None,
 
 
 def get_prompt_expander(spec: str, *, model: str = "gpt-4o-mini",
-                        api_key_env: str = "OPENAI_API_KEY") -> PromptExpander:
-    """'moving_shapes' -> MovingShapesExpander; an http(s) URL -> ChatEndpointExpander(model)."""
+                        api_key_env: str = "OPENAI_API_KEY", seed: int = 0) -> PromptExpander:
+    """'moving_shapes' -> MovingShapesExpander(seed); an http(s) URL -> ChatEndpointExpander."""
     if spec == "moving_shapes":
-        return MovingShapesExpander()
+        return MovingShapesExpander(seed)
     if spec.startswith(("http://", "https://")):
         return ChatEndpointExpander(spec, model, api_key_env=api_key_env)
     raise ValueError(f"--expand_prompt must be 'moving_shapes' (offline, for the moving_shapes "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -44,20 +45,30 @@ def test_training_writes_checkpoints_config_metrics_and_samples(workdir):
 
 def test_generate_writes_mp4_and_png_grid_from_prompts(workdir, tmp_path):
     mp4 = str(tmp_path / "out.mp4")
-    run("sora_jax.generate", f"--workdir={workdir}", "--prompt=a red square slides to the left",
-        "--prompt=a blue circle moving up", "--num_samples=2", "--steps=3", f"--out={mp4}")
+    result = run("sora_jax.generate", f"--workdir={workdir}", "--prompt=scarlet ball going west",
+                 "--prompt=a blue circle moving up", "--num_samples=2", "--steps=3", f"--out={mp4}",
+                 "--negative_prompt=a green square", "--guidance_rescale=0.5",
+                 "--guidance_interval=0.2,0.9", "--expand_prompt=moving_shapes")
     frames = iio.imread(mp4)
     assert frames.shape[0] == 5 and frames.shape[-1] == 3  # the tiny config's 5 frames
+    assert "Expanded prompt 'scarlet ball going west' -> " in result.stderr
     png = str(tmp_path / "grid.png")
-    run("sora_jax.generate", f"--workdir={workdir}", "--prompt=a green triangle", "--steps=2",
-        "--frames=9", "--height=24", "--width=32", f"--out={png}")
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    result = run("sora_jax.generate", f"--workdir={workdir}", "--prompt=a green triangle",
+                 "--steps=2", "--frames=9", "--height=24", "--width=32", f"--out={png}",
+                 f"--expand_prompt={url}")
     width, height = Image.open(png).size
     assert (width, height) == (32 * 4, 9 * 24 * 4 + 8 * 2)  # frames stacked, enlarged 4x
+    assert url in result.stderr and "original prompts" in result.stderr  # expansion failed, kept
 
 
 def test_evaluate_prints_prompt_adherence_json(workdir):
-    result = run("sora_jax.evaluate", f"--workdir={workdir}", "--num_prompts=4", "--steps=2")
+    result = run("sora_jax.evaluate", f"--workdir={workdir}", "--num_prompts=4", "--steps=2",
+                 "--rephrase=word_order", "--expand_prompt=moving_shapes")
     report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["phrasing"] == "word_order" and report["expand_prompt"] == "moving_shapes"
     for key in ("colour_accuracy", "shape_accuracy", "direction_accuracy", "coherent_frame_rate"):
         assert 0.0 <= report[key] <= 1.0
     assert report["num_prompts"] == 4
@@ -69,6 +80,10 @@ def test_evaluate_prints_prompt_adherence_json(workdir):
     (["--prompt=a red square", "--out=/proc/forbidden/x.mp4"], "Cannot write"),
     (["--prompt=a red square", "--out=video.avi"], "extension must be one of"),
     (["--prompt=a red square", "--height=18"], "18"),
+    (["--prompt=a", "--prompt=b", "--negative_prompt=x", "--negative_prompt=y",
+      "--negative_prompt=z"], "one per --prompt (2), not 3"),
+    (["--prompt=a red square", "--guidance_rescale=2"], "rescale must be in [0, 1], got 2.0"),
+    (["--prompt=a red square", "--guidance_interval=0.5"], "--guidance_interval must be 'lo,hi'"),
 ])
 def test_generate_rejects_bad_input_with_a_clear_message(workdir, tmp_path, args, message):
     args = args if any(a.startswith("--out") for a in args) else args + [f"--out={tmp_path}/x.gif"]

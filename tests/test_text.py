@@ -3,6 +3,7 @@
 import importlib.util
 import logging
 import os
+import shutil
 
 # The reference models load from the package's local files; never reach for the Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -173,3 +174,30 @@ def test_loader_names_shape_mismatches(encoder, checkpoint):
         match=r"layer.2.intermediate.dense.weight: \(8, 384\) in the checkpoint, \(1536, 384\)",
     ):
         text.convert_bert_params(tensors, encoder.config)
+
+
+def test_a_random_bert_checkpoint_loads_and_matches_transformers(tmp_path, torch_reference):
+    """Any HF BERT checkpoint, not only MiniLM's weights: a small random one built here."""
+    torch, transformers = torch_reference["torch"], pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=torch_reference["tokenizer"].vocab_size, hidden_size=48, num_hidden_layers=3,
+        num_attention_heads=4, intermediate_size=96, max_position_embeddings=64)
+    model = transformers.BertModel(config).eval()
+    with torch.no_grad():  # LayerNorms start at (1, 0); move them so their mapping is checked
+        for name, param in model.named_parameters():
+            if "LayerNorm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    shutil.copy(text.minilm_model_dir() / "tokenizer.json", tmp_path / "tokenizer.json")
+
+    encoder = text.get_text_encoder("minilm", max_length=16, path=tmp_path)
+    prompts = PROMPTS + [LONG_PROMPT]
+    inputs = torch_reference["tokenizer"](prompts, padding="max_length", truncation=True,
+                                          max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state.numpy()
+    tokens, mask = encoder.encode(prompts)
+    np.testing.assert_array_equal(mask, inputs["attention_mask"].numpy().astype(bool))
+    assert encoder.dim == 48
+    np.testing.assert_allclose(tokens, expected * np.asarray(mask)[..., None], atol=1e-5, rtol=0)

@@ -5,12 +5,13 @@ import os
 import signal
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from sora_jax.training import loop, text_cache
 from sora_jax.training.checkpoint import CheckpointMismatchError, Checkpointer
-from sora_jax.training.experiment import Experiment
+from sora_jax.training.experiment import Experiment, guidance_settings
 from tests.helpers import tiny_config
 
 
@@ -176,12 +177,22 @@ def test_config_sizes_that_differ_from_the_dataset_are_refused_before_training(t
     (lambda c: c.diffusion.update(prediction="score"), "prediction"),
     (lambda c: c.model.update(dtype="float16"), "config.model.dtype"),
     (lambda c: c.optim.update(grad_accum_steps=3), "grad_accum_steps"),
+    (lambda c: c.sampling.update(guidance_rescale=1.5),
+     r"config.sampling: Guidance rescale must be in \[0, 1\], got 1.5"),
+    (lambda c: c.sampling.update(guidance_interval=(0.8, 0.2)),
+     r"config.sampling: Guidance interval must be \(lo, hi\) with 0 <= lo < hi <= 1"),
 ])
 def test_inconsistent_config_values_fail_at_start_naming_the_setting(change, message):
     config = tiny_config()
     change(config)
     with pytest.raises(ValueError, match=message):
         Experiment(config)
+
+
+def test_guidance_settings_default_to_plain_cfg_for_configs_saved_before_they_existed():
+    saved = ml_collections.ConfigDict({"steps": 8, "guidance": 2.0})  # an older workdir's config
+    assert guidance_settings(saved, guidance_rescale=None, guidance_interval=[0.1, 0.9]) == dict(
+        guidance=2.0, guidance_rescale=0.0, guidance_interval=[0.1, 0.9])
 
 
 def test_gradient_accumulation_gives_the_one_batch_update(single_and_sharded):

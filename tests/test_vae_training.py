@@ -14,7 +14,7 @@ from sora_jax.cache_latents import cache_latents
 from sora_jax.data import latent_cache, pipeline
 from sora_jax.evaluate import evaluate
 from sora_jax.training import loop
-from sora_jax.training.experiment import Experiment
+from sora_jax.training.experiment import Experiment, text_identity
 from sora_jax.training.vae_experiment import VAEExperiment, load_vae
 from tests.helpers import tiny_data_dir, tiny_vae_config, tiny_vae_workdir
 
@@ -162,8 +162,12 @@ def test_a_vae_whose_latents_differ_from_the_dit_config_is_refused(vae_run, cach
     config = dit_config(vae_run[0], latent_cache=cache_dir)
     config.data.frames, config.data.builder_config = 9, "f9_s16"
     with pytest.raises(ValueError, match=r"latent cache .* does not match"):
-        latent_cache.check_matches(cache_dir, latent_shape=(3, 4, 4, 4), text_encoder="minilm",
-                                   max_length=config.text.max_length)
+        latent_cache.check_matches(cache_dir, latent_shape=(3, 4, 4, 4),
+                                   text=text_identity(config.text))
+    config = dit_config(vae_run[0], latent_cache=cache_dir)
+    config.text.max_length += 8
+    with pytest.raises(ValueError, match=r"does not match this config: text embeddings"):
+        loop.train(config, str(tmp_path / "a"))
     assert not os.path.exists(tmp_path / "a" / "checkpoints" / "0")
 
 

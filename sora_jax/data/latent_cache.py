@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import grain
@@ -89,12 +89,14 @@ def write_cache(root: str, splits: dict[str, Iterable[dict[str, Any]]], *,
                 latents = np.asarray(encode_video(batch["video"]), np.float32)
                 latent_shape = list(latents.shape[1:])
                 text = encode_text(list(batch["caption"])) if encode_text else None
+                if text is not None:
+                    text = (_to_float16(np.asarray(text[0])), text[1])
                 for i in range(len(latents)):
                     record = {k: (str(v[i]) if k == "caption" else int(v[i]))
                               for k, v in batch.items() if k != "video"}
                     record["latent"] = latents[i]
                     if text is not None:
-                        record["text"] = np.asarray(text[0][i], np.float16)
+                        record["text"] = text[0][i]
                         record["text_mask"] = np.asarray(text[1][i], bool)
                     writer.write(encode_record(record))
                 count += len(latents)
@@ -114,6 +116,16 @@ def write_cache(root: str, splits: dict[str, Iterable[dict[str, Any]]], *,
     return root
 
 
+def _to_float16(tokens: np.ndarray) -> np.ndarray:
+    """Text embeddings are stored in float16 (half the bytes); refuses values it cannot hold."""
+    peak = float(np.max(np.abs(tokens)))
+    if not peak <= np.finfo(np.float16).max:  # also catches NaN
+        raise ValueError(f"Text embeddings reach {peak:.3g}, not finite in float16 (max 65504): "
+                         "the latent cache cannot store them. Check the text encoder's outputs "
+                         "(its dtype and weights).")
+    return tokens.astype(np.float16)
+
+
 def data_source(root: str, split: str) -> grain.sources.ArrayRecordDataSource:
     metadata = read_metadata(root)
     if split not in metadata["num_examples"]:
@@ -122,17 +134,22 @@ def data_source(root: str, split: str) -> grain.sources.ArrayRecordDataSource:
     return grain.sources.ArrayRecordDataSource([split_path(root, split)])
 
 
-def check_matches(root: str, *, latent_shape, text_encoder: str, max_length: int) -> None:
-    """The cache must hold what the DiT config expects; names the mismatch and the fix."""
+def check_matches(root: str, *, latent_shape, text: Mapping[str, Any]) -> None:
+    """The cache must hold what the DiT config expects; names the mismatch and the fix.
+
+    Args:
+      root: the cache folder.
+      latent_shape: (t, h, w, c) latents of one clip, as the config's autoencoder makes them.
+      text: what identifies the config's text embeddings (encoder, checkpoint, dtype, max_length;
+        `metadata["text"]` of a cache written for it).
+    """
     metadata = read_metadata(root)
     problems = []
     if tuple(metadata["latent_shape"]) != tuple(latent_shape):
         problems.append(f"latents {tuple(metadata['latent_shape'])} vs the config's "
                         f"{tuple(latent_shape)}")
-    if metadata["text_embeddings"] and (metadata["text_encoder"], metadata["max_length"]) != (
-            text_encoder, max_length):
-        problems.append(f"text encoder {metadata['text_encoder']}/{metadata['max_length']} tokens "
-                        f"vs the config's {text_encoder}/{max_length}")
+    if metadata["text_embeddings"] and metadata.get("text") != dict(text):
+        problems.append(f"text embeddings of {metadata.get('text')} vs the config's {dict(text)}")
     if problems:
         raise ValueError(f"The latent cache at {root!r} does not match this config: "
                          f"{'; '.join(problems)}. Rebuild it (delete the folder and run "

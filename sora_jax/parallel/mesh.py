@@ -30,6 +30,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("head_dim", None),
+    ("vocab", None),
     ("layers", None),
     ("patch", None),
     ("text_embed", None),

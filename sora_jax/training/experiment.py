@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from sora_jax.diffusion.flow import RectifiedFlow
-from sora_jax.diffusion.sampling import euler_sample
+from sora_jax.diffusion.sampling import Guidance, euler_sample
 from sora_jax.models import patch as patch_lib
 from sora_jax.models import text as text_lib
 from sora_jax.models.dit import DiT
@@ -57,10 +57,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          "change config.model.width or num_heads.")
     if not 0.0 <= config.text.caption_dropout < 1.0:
         raise ValueError(f"config.text.caption_dropout must be in [0, 1), got {config.text.caption_dropout}.")
+    if config.text.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"config.text.dtype={config.text.dtype!r}; valid: {sorted(DTYPES)}.")
     autoencoder = autoencoder_lib.declared_autoencoder(config.autoencoder)
     patch_lib.check_tileable(data.frames, data.height, data.width, tuple(model.patch_size),
                              autoencoder.temporal_compression, autoencoder.spatial_compression)
     RectifiedFlow(**config.diffusion)
+    settings = guidance_settings(config.sampling)
+    try:
+        Guidance(settings["guidance"], settings["guidance_rescale"], settings["guidance_interval"])
+    except ValueError as error:
+        raise ValueError(f"config.sampling: {error}") from None
+
+
+def guidance_settings(sampling: ml_collections.ConfigDict, **overrides) -> dict[str, Any]:
+    """`make_sampler`'s guidance keywords from config.sampling, replaced by the overrides that are
+    not None. Workdirs saved before guidance_rescale and guidance_interval existed get plain CFG."""
+    settings = dict(guidance=sampling.guidance,
+                    guidance_rescale=sampling.get("guidance_rescale", 0.0),
+                    guidance_interval=sampling.get("guidance_interval", (0.0, 1.0)))
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
+
+
+def text_identity(text: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What determines a config's text embeddings: the key under which they are cached."""
+    path = text.get("path")
+    return {"encoder": text.encoder, "path": os.path.abspath(path) if path else None,
+            "dtype": text.get("dtype", "float32"), "max_length": text.max_length}
+
+
+def text_dim(text: ml_collections.ConfigDict) -> int:
+    """The text encoder's token width: config.text.dim where declared (checked against the
+    checkpoint when it loads), else read from the encoder's config without loading weights."""
+    if text.get("dim"):
+        return text.dim
+    return text_lib.encoder_dim(text.encoder, path=text.get("path"))
 
 
 class ExperimentBase:
@@ -164,7 +196,7 @@ class Experiment(ExperimentBase):
             width=c.model.width,
             depth=c.model.depth,
             num_heads=c.model.num_heads,
-            text_dim=text_lib.encoder_dim(c.text.encoder),
+            text_dim=text_dim(c.text),
             mlp_ratio=c.model.mlp_ratio,
             qk_norm=c.model.qk_norm,
             dtype=DTYPES[c.model.dtype],
@@ -286,7 +318,7 @@ class Experiment(ExperimentBase):
     @functools.cached_property
     def _training_sampler(self):
         return self.make_sampler(steps=self.config.sampling.steps,
-                                 guidance=self.config.sampling.guidance)
+                                 **guidance_settings(self.config.sampling))
 
     def write_samples(self, state, step: int, workdir: str, batches) -> str:
         """Videos for fixed prompts from the config's evaluation split, with fixed noise."""
@@ -303,33 +335,53 @@ class Experiment(ExperimentBase):
 
     @functools.cached_property
     def text_encoder(self) -> text_lib.TextEncoder:
-        return text_lib.get_text_encoder(self.config.text.encoder,
-                                         max_length=self.config.text.max_length)
+        """The frozen text encoder, its parameters sharded over this experiment's mesh."""
+        return self.make_text_encoder(self.mesh)
+
+    def make_text_encoder(self, mesh: jax.sharding.Mesh) -> text_lib.TextEncoder:
+        """Loads the config's text encoder with its parameters sharded over `mesh` by the
+        config's logical-axis rules (a T5-XXL does not fit one accelerator)."""
+        t = self.config.text
+        encoder = text_lib.get_text_encoder(t.encoder, max_length=t.max_length, path=t.get("path"),
+                                            dtype=t.get("dtype", "float32"), mesh=mesh,
+                                            rules=self.rules)
+        if encoder.dim != self.model.text_dim:
+            raise ValueError(f"The text encoder {t.encoder} ({t.get('path')}) makes "
+                             f"{encoder.dim}-wide tokens but config.text.dim={t.dim}; set "
+                             f"config.text.dim={encoder.dim} (or leave it unset to read it).")
+        return encoder
 
     # Sampling ---------------------------------------------------------------------------------
 
-    def make_sampler(self, *, steps: int, guidance: float, latent_shape=None):
-        """Returns sample(params, text, text_mask, rng) -> video float32 [B, T, H, W, 3] in [-1, 1].
+    def make_sampler(self, *, steps: int, guidance: float, guidance_rescale: float = 0.0,
+                     guidance_interval: tuple[float, float] = (0.0, 1.0), latent_shape=None):
+        """Returns sample(params, text, text_mask, rng, negative_text=None, negative_mask=None)
+        -> video float32 [B, T, H, W, 3] in [-1, 1].
 
-        The Euler loop and the decoder are one jit: it compiles once per batch shape.
+        Guidance (scale, rescale, interval: `sampling.Guidance`) contrasts each caption with the
+        learned null caption, or with its own row of a negative prompt's `negative_text`
+        [B, L, D] and `negative_mask` [B, L] (shaped as text and text_mask) when given. The Euler
+        loop and the decoder are one jit: it compiles once per batch shape (and with negatives).
         """
         shape = tuple(latent_shape or self.latent_shape)
+        settings = Guidance(guidance, guidance_rescale, guidance_interval)
 
-        def sample(params, autoencoder_params, text, text_mask, rng):
-            def denoise(x, t, drop_text):
-                n = x.shape[0] // text.shape[0]  # guidance doubles the batch
-                tiled = lambda a: jnp.concatenate([a] * n)
-                return self.model.apply({"params": params}, x, t, tiled(text), tiled(text_mask),
-                                        drop_text)
-
+        def sample(params, autoencoder_params, text, text_mask, rng, negative):
+            denoise = lambda x, t, cond: self.model.apply({"params": params}, x, t, *cond)
+            own = jnp.zeros((text.shape[0],), bool)  # drop_text: each row sees its own caption
+            cond = (text, text_mask, own)
+            uncond = (text, text_mask, ~own) if negative is None else (*negative, own)
             noise = jax.random.normal(rng, (text.shape[0], *shape), jnp.float32)
-            latent = euler_sample(self.flow, denoise, noise, steps=steps, guidance=guidance,
-                                  temporal_patch=self.temporal_patch)
+            latent = euler_sample(self.flow, denoise, noise, cond, uncond, steps=steps,
+                                  guidance=settings, temporal_patch=self.temporal_patch)
             return jnp.clip(autoencoder.decode(autoencoder_params, latent), -1.0, 1.0)
 
-        def run(params, text, text_mask, rng):
+        def run(params, text, text_mask, rng, negative_text=None, negative_mask=None):
+            if (negative_text is None) != (negative_mask is None):
+                raise ValueError("Give negative_text and negative_mask together, or neither.")
+            negative = None if negative_text is None else (negative_text, negative_mask)
             with self.activate():
-                return jitted(params, autoencoder_params, text, text_mask, rng)
+                return jitted(params, autoencoder_params, text, text_mask, rng, negative)
 
         autoencoder, autoencoder_params = self.loaded_autoencoder
         jitted = jax.jit(sample)

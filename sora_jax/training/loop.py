@@ -21,7 +21,7 @@ from absl import logging
 from sora_jax.data import latent_cache, pipeline
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training.checkpoint import Checkpointer
-from sora_jax.training.experiment import get_experiment
+from sora_jax.training.experiment import get_experiment, text_identity
 
 
 class TrainingDiverged(FloatingPointError):
@@ -105,7 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
     check_data_shape(c, data_kw)
     if data_kw.get("latent_cache"):
         latent_cache.check_matches(data_kw["latent_cache"], latent_shape=exp.latent_shape,
-                                   text_encoder=c.text.encoder, max_length=c.text.max_length)
+                                   text=text_identity(c.text))
     host_batch = c.data.batch_size // jax.process_count()
     train_iter = iter(pipeline.make_loader(
         **data_kw, split=c.data.train_split, batch_size=host_batch, seed=c.seed, shuffle=True,
