@@ -347,3 +347,29 @@ def test_loader_takes_the_embedding_under_either_name(t5_checkpoint, encoders, t
                         lambda t: t.update({"encoder.embed_tokens.weight": t.pop("shared.weight")}))
     params = t5.load_t5_params(folder, t5.T5Config.from_json(folder / "config.json"))
     jax.tree.map(np.testing.assert_array_equal, params, encoders["t5"].params)
+
+
+def test_a_dit_trains_on_t5_text_from_an_encoder_sharded_over_its_mesh(t5_checkpoint):
+    from sora_jax.training.experiment import Experiment
+    from tests.helpers import tiny_config
+
+    config = tiny_config(data=2, fsdp=4)
+    config.text.update(encoder="t5", path=str(t5_checkpoint[0]), max_length=MAX_LENGTH)
+    exp = Experiment(config)
+    assert exp.model.text_dim == t5_checkpoint[1].config.d_model  # read from the checkpoint
+    kernel = exp.text_encoder.params["layers"]["mlp_in"]
+    assert kernel.sharding.mesh.shape == exp.mesh.shape
+    assert kernel.addressable_shards[0].data.size == kernel.size // 4  # 'embed' over fsdp
+
+    captions = np.array(PROMPTS * 3)[: config.data.batch_size]
+    video = np.zeros((config.data.batch_size, config.data.frames, 16, 16, 3), np.float32)
+    batch = exp.make_batch({"video": video, "caption": captions})
+    assert batch["text"].shape == (config.data.batch_size, MAX_LENGTH, exp.model.text_dim)
+    step = exp.jit_train_step(donate=False)
+    with exp.activate():
+        _, metrics = step(exp.init_state(jax.random.key(0)), batch, jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"]))
+
+    config.text.dim = exp.model.text_dim + 1  # a declared width the checkpoint does not have
+    with pytest.raises(ValueError, match=r"config.text.dim=.*set config.text.dim=64"):
+        Experiment(config).text_encoder

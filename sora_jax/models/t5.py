@@ -1,6 +1,6 @@
 """T5 v1.1 and UMT5 text encoders in Flax, with a sharded loader for HF-format safetensors.
 
-T5 v1.1 (google/t5-v1_1-xxl: the text encoder of Imagen, PixArt and SD3) and UMT5 (google/umt5-xxl:
+T5 v1.1 (google/t5-v1_1-xxl: the text encoder of PixArt-alpha and SD3) and UMT5 (google/umt5-xxl:
 the text encoder of Wan) share one encoder stack: pre-norm blocks with RMS norms, attention without
 the 1/sqrt(d) scaling (T5 folds it into the initialisation) plus a learned bias per bucket of relative
 position, and a gated-GELU MLP. They differ in one place: T5's first layer owns the relative position
@@ -20,7 +20,6 @@ import json
 import math
 import operator
 import pathlib
-import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -31,7 +30,6 @@ import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so safetensors ca
 import numpy as np
 import sentencepiece
 import tokenizers
-from absl import logging
 from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import safe_open
 
@@ -539,7 +537,6 @@ class T5TextEncoder(TextEncoder):
         self.dim = self.config.d_model
         self.max_length = max_length
         self._tokenize = t5_tokenizer(model_dir)
-        self._warned_truncation = False
 
         self.model = T5Encoder(self.config, _dtype(dtype))
         self.params = load_t5_params(model_dir, self.config, dtype=dtype, mesh=mesh, rules=rules)
@@ -563,16 +560,7 @@ class T5TextEncoder(TextEncoder):
         cfg, length = self.config, self.max_length
         pieces = self._tokenize(list(prompts))
         truncated = [i for i, p in enumerate(pieces) if len(p) >= length]
-        if truncated and not self._warned_truncation:
-            self._warned_truncation = True
-            logging.warning(
-                "Truncating %d of %d prompts to max_length=%d tokens (e.g. %r); "
-                "this warning is shown once per encoder.",
-                len(truncated),
-                len(prompts),
-                length,
-                textwrap.shorten(prompts[truncated[0]], 60),
-            )
+        self.warn_truncated(prompts, truncated)
         input_ids = np.full((len(pieces), length), cfg.pad_token_id, np.int32)
         mask = np.zeros((len(pieces), length), bool)
         for row, p in enumerate(pieces):

@@ -57,6 +57,17 @@ class TextEncoder(abc.ABC):
         """`dim` of the checkpoint in folder `path` (None: the encoder's default one, if it has one),
         read from its config without loading its weights."""
 
+    def warn_truncated(self, prompts: Sequence[str], truncated: Sequence[int]) -> None:
+        """Logs, once per encoder, that the prompts at indices `truncated` lost their tokens
+        beyond `max_length`."""
+        if truncated and not getattr(self, "_warned_truncation", False):
+            self._warned_truncation = True
+            logging.warning(
+                "Truncating %d of %d prompts to max_length=%d tokens (e.g. %r); raise "
+                "config.text.max_length to keep them whole. This warning is shown once per encoder.",
+                len(truncated), len(prompts), self.max_length,
+                textwrap.shorten(prompts[truncated[0]], 60))
+
     @abc.abstractmethod
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """Encodes a batch of non-empty prompts.
@@ -398,7 +409,6 @@ class MiniLMEncoder(TextEncoder):
             pad_id=self.config.pad_token_id,
             pad_token=self.tokenizer.id_to_token(self.config.pad_token_id),
         )
-        self._warned_truncation = False
 
         self.model = BertEncoder(self.config)
         self.params = jax.device_put(
@@ -425,16 +435,7 @@ class MiniLMEncoder(TextEncoder):
         check_prompts(prompts)
         encodings = self.tokenizer.encode_batch(list(prompts))
         truncated = [i for i, e in enumerate(encodings) if e.overflowing]
-        if truncated and not self._warned_truncation:
-            self._warned_truncation = True
-            logging.warning(
-                "Truncating %d of %d prompts to max_length=%d tokens (e.g. %r); "
-                "this warning is shown once per encoder.",
-                len(truncated),
-                len(prompts),
-                self.max_length,
-                textwrap.shorten(prompts[truncated[0]], 60),
-            )
+        self.warn_truncated(prompts, truncated)
         input_ids = np.array([e.ids for e in encodings], np.int32)
         token_type_ids = np.array([e.type_ids for e in encodings], np.int32)
         mask = np.array([e.attention_mask for e in encodings], bool)
