@@ -2,6 +2,7 @@ r"""Evaluates a trained workdir and prints one JSON object.
 
   python -m sora_jax.evaluate --workdir=DIR [--num_prompts N | --num_videos N] [--split S]
       [--rephrase train|synonyms|word_order|long] [--expand_prompt moving_shapes|URL]
+      [--frames N --height H --width W]
 
 The task comes from the workdir's saved config. For text-to-video, videos are generated for
 held-out prompts (attribute combinations and phrasings never seen in training) and an analytic
@@ -21,13 +22,14 @@ FLAGS = flags.FLAGS
 
 def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, guidance=None, seed=0,
                            checkpoint_step=None, split=None, rephrase=None,
-                           expand_prompt=None) -> dict:
+                           expand_prompt=None, frames=None, height=None, width=None) -> dict:
     """Prompt adherence of generated videos on the config's held-out split.
 
     `rephrase` (moving_shapes only) replaces each caption by the same attributes worded in one of
     `moving_shapes.REPHRASINGS` ('train', 'synonyms', 'word_order', 'long'), to measure how
     adherence depends on the wording alone. `expand_prompt` passes the captions through a prompt
-    expander first, as `generate --expand_prompt` does.
+    expander first, as `generate --expand_prompt` does. `frames`, `height`, `width` generate at
+    another size than the training clips' (e.g. twice the duration, another aspect ratio).
     """
     import jax
     import numpy as np
@@ -39,6 +41,10 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     from sora_jax.training.checkpoint import restore_for_inference
     from sora_jax.training.experiment import Experiment, guidance_settings, to_uint8
 
+    with config.unlocked():
+        config.data.frames = frames or config.data.frames
+        config.data.height = height or config.data.height
+        config.data.width = width or config.data.width
     exp = Experiment(config)
     state, step = restore_for_inference(workdir, exp.abstract_state(), checkpoint_step)
     steps = steps or config.sampling.steps
@@ -74,13 +80,15 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
         if "video" in prompts[0] else None
     out_dir = os.path.join(workdir, "eval")
     name = (f"step_{step:06d}_{split}{'_' + rephrase if rephrase else ''}"
-            f"{'_expanded' if expand_prompt else ''}_g{guidance:g}_s{steps}")
+            f"{'_expanded' if expand_prompt else ''}_g{guidance:g}_s{steps}"
+            f"_{config.data.frames}x{config.data.height}x{config.data.width}")
     write_video(os.path.join(out_dir, name + ".gif"), videos[:16])
     result = {
         "task": config.task,
         "workdir": os.path.abspath(workdir),
         "checkpoint_step": int(step),
         "split": split,
+        "size": [config.data.frames, config.data.height, config.data.width],
         "phrasing": rephrase or "dataset",
         "expand_prompt": expand_prompt,
         "num_prompts": len(prompts),
@@ -210,6 +218,9 @@ def define_flags():
     flags.DEFINE_string("rephrase", None, "Reword every prompt of the split from its attributes "
                         "(moving_shapes): 'train' (training wording), 'synonyms' (held-out "
                         "synonyms), 'word_order' (unseen word order) or 'long' (longer sentences).")
+    flags.DEFINE_integer("frames", None, "Generate this many frames (default: training's).")
+    flags.DEFINE_integer("height", None, "Generate at this height (default: training's).")
+    flags.DEFINE_integer("width", None, "Generate at this width (default: training's).")
     flags.DEFINE_string("expand_prompt", None, "Expand every prompt first: 'moving_shapes' "
                         "(offline) or an OpenAI-compatible endpoint URL.")
     flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
@@ -226,7 +237,8 @@ def main(argv):
         kwargs.update(num_videos=FLAGS.num_videos)
     else:
         kwargs.update(num_prompts=FLAGS.num_prompts, steps=FLAGS.steps, guidance=FLAGS.guidance,
-                      rephrase=FLAGS.rephrase, expand_prompt=FLAGS.expand_prompt)
+                      rephrase=FLAGS.rephrase, expand_prompt=FLAGS.expand_prompt,
+                      frames=FLAGS.frames, height=FLAGS.height, width=FLAGS.width)
     result = evaluate(FLAGS.workdir, **kwargs)
     print(json.dumps(result))
 

@@ -1,5 +1,6 @@
 """moving_shapes and its input pipeline: determinism, held-out splits, builder, grain loading."""
 
+import hashlib
 import itertools
 import re
 
@@ -8,11 +9,16 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from sora_jax.data import clip_sizes
 from sora_jax.data import moving_shapes as ms
 from sora_jax.data import pipeline
 
 TINY = dict(frames=5, height=16, width=16)
 TRAINING_SPLITS = ("train", "validation")
+CONFIGS = ms.MovingShapes.builder_configs
+# sha256 of the first 4 examples of every split of f9_s16 (`_examples_hash`), computed before the
+# mixed-size configs were added: the fixed-size datasets must rebuild exactly as before.
+F9_S16_HASH = "365ec4f172fedfe3f9e9bdc046b5ab54a5340498ab2adb697eaae8e444c3da6c"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,8 @@ def _all_phrases(part):
     return (_phrases(ms.COLOUR_WORDS.values(), part) + _phrases(ms.SHAPE_WORDS.values(), part)
             + _phrases(ms.SIZE_WORDS.values(), part) + _phrases(ms.DIRECTION_WORDS.values(), part)
             + [form for pair in pairs for form in pair]
-            + list(getattr(ms.BACKGROUND_PHRASES, part)) + list(getattr(ms.TEMPLATES, part)))
+            + list(getattr(ms.BACKGROUND_PHRASES, part)) + list(getattr(ms.TEMPLATES, part))
+            + list(getattr(ms.IMAGE_TEMPLATES, part)))
 
 
 def test_examples_are_deterministic_from_seed_split_and_index():
@@ -64,9 +71,118 @@ def test_videos_have_the_requested_size_and_dtype():
 
 def test_clip_lengths_are_one_plus_a_multiple_of_four():
     for config in ms.MovingShapes.BUILDER_CONFIGS:
-        assert (config.frames - 1) % 4 == 0, config.name
+        for frames in getattr(config, "durations", None) or (config.frames,):
+            assert (frames - 1) % 4 == 0, config.name
     with pytest.raises(ValueError, match=r"1 \+ 4k.*5, 9, 13, 17.*got 8"):
         ms.MovingShapesConfig(name="bad", frames=8)
+
+
+def _examples_hash(split_examples):
+    digest = hashlib.sha256()
+    for example in split_examples:
+        for key in sorted(example):
+            value = example[key]
+            digest.update(key.encode())
+            digest.update(value.encode() if isinstance(value, str) else np.asarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def test_fixed_size_configs_are_unchanged_by_the_mixed_size_ones(tmp_path):
+    c = CONFIGS["f9_s16"]
+    size = dict(frames=c.frames, height=c.height, width=c.width)
+    assert _examples_hash(e for split in ms.SPLITS for e in _examples(split, 4, size=size)) \
+        == F9_S16_HASH
+    features = ms.MovingShapes(config="f9_s16", data_dir=str(tmp_path)).info.features
+    assert features["video"].shape == (9, 16, 16, 3)
+    assert not {"frames", "height", "width", "fps"} & set(features)
+
+
+def _mixed(split, num, config="mixed_s16", seed=0):
+    return [ms.make_mixed_example(seed, split, i, CONFIGS[config]) for i in range(num)]
+
+
+def test_mixed_sizes_vary_and_obey_the_config_limits_and_the_clip_size_rules():
+    c = CONFIGS["mixed_s16"]
+    examples = _mixed("train", 400)
+    sizes = {(e["frames"], e["height"], e["width"]) for e in examples}
+    assert {f for f, _, _ in sizes} == {1, *c.durations}
+    assert {(h, w) for _, h, w in sizes} == set(c.resolutions) == {(16, 16), (16, 32), (32, 16)}
+    for e in examples:
+        assert e["video"].shape == (e["frames"], e["height"], e["width"], 3)
+        assert e["frames"] <= c.max_frames and e["height"] * e["width"] <= c.max_area
+        clip_sizes.check_clip_size(e["frames"], e["height"], e["width"])
+        assert e["fps"] == ms.NOMINAL_FPS
+    images = sum(e["frames"] == 1 for e in examples) / len(examples)
+    assert abs(images - c.image_fraction) < 0.07
+    squares = sum(e["height"] == e["width"] for e in examples) / len(examples)
+    assert abs(squares - 0.5) < 0.08  # resolution_weights (2, 1, 1)
+    # At most ~4x the pixels (so tokens) of the CPU default f9_s16's 9x16x16 clips.
+    assert c.max_frames * c.max_area <= 4 * 9 * 16 * 16
+
+
+def test_images_show_a_still_object_and_their_captions_name_no_motion():
+    pairs = ms.VERBS.train + ms.VERBS.heldout + ms.STILL_PHRASES.train + ms.STILL_PHRASES.heldout
+    motion = [form for pair in pairs for form in pair] + [
+        p for words in ms.DIRECTION_WORDS.values() for p in words.train + words.heldout]
+    for split in ms.SPLITS:
+        images = [e for e in _mixed(split, 200) if e["frames"] == 1]
+        assert images, split
+        for e in images:
+            assert e["direction"] == "still" and e["speed"] == 0.0
+            assert not [p for p in motion if re.search(rf"\b{p}\b", e["caption"])], e["caption"]
+            colour_words = ms.COLOUR_WORDS[e["colour"]]
+            assert any(w in e["caption"] for w in colour_words.train + colour_words.heldout)
+            combo = (e["colour"], e["shape"], e["direction"])
+            assert (combo in ms.HELDOUT_COMBOS) == (split == "test"), (split, combo)
+
+
+def test_mixed_examples_are_deterministic_and_heldout_phrasings_stay_heldout():
+    heldout_only = set().union(*map(_words, _all_phrases("heldout"))) - set().union(
+        *map(_words, _all_phrases("train")))
+    for split, spec in ms.SPLITS.items():
+        a, b = _mixed(split, 50), _mixed(split, 50)
+        for x, y in zip(a, b):
+            assert x["caption"] == y["caption"] and np.array_equal(x["video"], y["video"])
+            assert bool(_words(x["caption"]) & heldout_only) == (spec.phrasing == "heldout")
+    other = _mixed("train", 50, seed=1)
+    assert [e["caption"] for e in other] != [e["caption"] for e in _mixed("train", 50)]
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(durations=(5, 8)), "got 8"),
+    (dict(durations=(5, 21)), "exceeds max_frames"),
+    (dict(resolutions=((16, 24),)), "multiples of 16"),
+    (dict(resolutions=((32, 32),)), "exceeds max_area"),
+    (dict(duration_weights=(1, 2)), "duration_weights"),
+    (dict(image_fraction=1.5), "image_fraction"),
+])
+def test_mixed_configs_reject_sizes_beyond_their_limits(kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        ms.MixedMovingShapesConfig(name="bad", **kwargs)
+
+
+def test_mixed_builder_stores_each_example_with_its_own_size(tmp_path):
+    builder = pipeline.prepare("moving_shapes", "tiny_mixed", str(tmp_path))
+    features = builder.info.features
+    assert features["video"].shape == (None, None, None, 3)
+    assert [features[k].np_dtype for k in ("frames", "height", "width", "fps")] == [
+        np.int32, np.int32, np.int32, np.float32]
+    c = builder.builder_config
+    for split, num in (("train", c.num_train), ("test", c.num_test)):
+        source = builder.as_data_source(split)
+        assert len(source) == num
+        sizes = set()
+        for record in source:
+            expected = ms.make_mixed_example(ms.DATASET_SEED, split, record["index"], c)
+            np.testing.assert_array_equal(record["video"], expected["video"])
+            assert record["caption"].decode() == expected["caption"]
+            size = (record["frames"], record["height"], record["width"])
+            assert record["video"].shape[:3] == size == (
+                expected["frames"], expected["height"], expected["width"])
+            sizes.add(size)
+        assert len(sizes) >= 4, (split, sizes)
+    assert pipeline.clip_shape("moving_shapes", "tiny_mixed", str(tmp_path)) == (
+        None, None, None, 3)
 
 
 def test_the_object_stays_whole_inside_the_frame_in_every_frame():

@@ -30,6 +30,17 @@ def test_reads_real_videos_of_every_split_near_perfectly(config):
             assert result[key] >= 0.98, (config, split, result)
 
 
+def test_reads_mixed_size_clips_and_images_near_perfectly():
+    c = CONFIGS["mixed_s16"]
+    examples = [ms.make_mixed_example(1, "train", i, c) for i in range(150)]
+    assert {e["height"] != e["width"] for e in examples} == {True, False}
+    for subset in ([e for e in examples if e["frames"] == 1], examples):  # images, then all
+        result = detector.score([e["video"] for e in subset], subset)
+        for key in ("colour_accuracy", "shape_accuracy", "direction_accuracy",
+                    "coherent_frame_rate"):
+            assert result[key] >= 0.98, result
+
+
 def test_pure_noise_has_no_coherent_frame():
     noise = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     detection = detector.detect(noise)

@@ -7,6 +7,13 @@ dataset needs no download and rebuilds bit for bit anywhere.
     video = render_video(attributes, frames, height, width)  # uint8 [frames, height, width, 3]
     caption = make_caption(attributes, rng, phrasing)  # "a small crimson block drifting leftwards"
 
+Fixed-size configs (`MovingShapesConfig`: tiny, f9_s16, ...) store clips of one size. Mixed-size
+configs (`MixedMovingShapesConfig`: tiny_mixed, mixed_s16) draw each example's size (frames,
+height, width) from a few durations and square, landscape and portrait resolutions; a fraction of
+them are images (1 frame, a still object, a caption without motion: "an image of a red square").
+Every size obeys `clip_sizes` (1 + 4k frames, sides multiples of 16), and mixed-size examples
+store their own `frames`, `height`, `width` and `fps`.
+
 Splits (`SPLITS`), so that evaluation measures generalisation rather than recall:
 
     train        training (colour, shape, direction) combinations, training phrasings
@@ -23,6 +30,11 @@ The tensorflow-datasets builder `MovingShapes` (registered as `moving_shapes`) w
 files, which `tfds.data_source` and grain read without TensorFlow:
 
     tfds.builder('moving_shapes/tiny', data_dir=d).download_and_prepare()
+
+Stored features: 'video' uint8 [T, H, W, 3] (fixed or, in mixed-size configs, per example),
+'caption' text, the labels 'colour', 'shape', 'direction' (ClassLabels), 'background', 'size',
+'speed', 'start_x', 'start_y', 'index', and in mixed-size configs 'frames', 'height', 'width'
+(int32) and 'fps' (float32).
 """
 
 import dataclasses
@@ -34,8 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-# Clip lengths are 1 + 4k frames so the causal video VAE (4x temporal compression) tiles them.
-TEMPORAL_MULTIPLE = 4
+from sora_jax.data.clip_sizes import SPATIAL_MULTIPLE, TEMPORAL_MULTIPLE, check_clip_size
 
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 # Every pair of object colours is >= 150 apart in RGB, and every object colour >= 150 from every
@@ -154,6 +165,9 @@ TEMPLATES = Words(
     ("{a} {desc} {moves}{bg}", "{a} {desc} {moving}{bg}", "{desc} {moving}{bg}"),
     ("there is {a} {desc} that {moves}{bg}", "you can see {a} {desc} {moving}{bg}"),
 )
+# Captions of 1-frame examples, which show no motion.
+IMAGE_TEMPLATES = Words(("{a} {desc}{bg}", "an image of {a} {desc}{bg}"),
+                        ("there is {a} {desc}{bg}", "a picture of {a} {desc}{bg}"))
 SIZE_WORD_PROBABILITY = 0.5
 BACKGROUND_MENTION_PROBABILITY = 0.3
 
@@ -186,9 +200,12 @@ class Attributes:
     start_y: float  # ... and of the height
 
 
-def sample_attributes(rng: np.random.Generator, split: str) -> Attributes:
-    """Draws attributes from the split's combinations; the object stays inside the frame."""
+def sample_attributes(rng: np.random.Generator, split: str, image: bool = False) -> Attributes:
+    """Draws attributes from the split's combinations; the object stays inside the frame.
+    An image (a 1-frame clip) shows a still object."""
     combos = TRAIN_COMBOS if SPLITS[split].combos == "train" else sorted(HELDOUT_COMBOS)
+    if image:
+        combos = [c for c in combos if c[2] == "still"]
     colour, shape, direction = combos[rng.integers(len(combos))]
     size = rng.uniform(*SIZE_RANGE)
     speed = 0.0 if direction == "still" else rng.uniform(*SPEED_RANGE)
@@ -249,9 +266,11 @@ def render_video(attrs: Attributes, frames: int, height: int, width: int) -> np.
     return np.rint(video).astype(np.uint8)
 
 
-def make_caption(attrs: Attributes, rng: np.random.Generator, phrasing: str = "train") -> str:
+def make_caption(attrs: Attributes, rng: np.random.Generator, phrasing: str = "train",
+                 image: bool = False) -> str:
     """A sentence describing `attrs`. 'heldout' phrasing uses an evaluation-only template and draws
-    synonyms from the training and held-out words together, so every word keeps its meaning."""
+    synonyms from the training and held-out words together, so every word keeps its meaning.
+    The caption of an image (a 1-frame clip) names no motion: "an image of a red square"."""
     if phrasing not in ("train", "heldout"):
         raise ValueError(f"phrasing must be 'train' or 'heldout', got {phrasing!r}")
 
@@ -266,7 +285,9 @@ def make_caption(attrs: Attributes, rng: np.random.Generator, phrasing: str = "t
         size_word = pick(SIZE_WORDS[size_class])
     desc = " ".join(w for w in (size_word, pick(COLOUR_WORDS[attrs.colour]),
                                 pick(SHAPE_WORDS[attrs.shape])) if w)
-    if attrs.direction == "still":
+    if image:
+        moves = moving = ""
+    elif attrs.direction == "still":
         moves, moving = pick(STILL_PHRASES)
     else:
         (verb, participle), where = pick(VERBS), pick(DIRECTION_WORDS[attrs.direction])
@@ -275,7 +296,8 @@ def make_caption(attrs: Attributes, rng: np.random.Generator, phrasing: str = "t
     if rng.random() < BACKGROUND_MENTION_PROBABILITY:
         bg_words = BACKGROUND_WORDS[attrs.background]
         bg = pick(BACKGROUND_PHRASES).format(bg_words[rng.integers(len(bg_words))])
-    template = TEMPLATES.train if phrasing == "train" else TEMPLATES.heldout
+    templates = IMAGE_TEMPLATES if image else TEMPLATES
+    template = templates.train if phrasing == "train" else templates.heldout
     article = "an" if desc[0] in "aeiou" else "a"
     return template[rng.integers(len(template))].format(
         a=article, desc=desc, moves=moves, moving=moving, bg=bg)
@@ -321,12 +343,18 @@ def rephrase(colour: str, shape: str, direction: str, rng: np.random.Generator,
 def make_example(seed: int, split: str, index: int, frames: int, height: int,
                  width: int) -> dict[str, Any]:
     """Example `index` of `split` as the builder stores it; video: uint8 [frames, height, width, 3]
-    and the attributes by name (background by index)."""
+    and the attributes by name (background by index). With frames=1, an image: a still object and
+    a caption without motion."""
     rng = np.random.default_rng((seed, list(SPLITS).index(split), index))
-    attrs = sample_attributes(rng, split)
+    return _render_example(rng, split, index, frames, height, width)
+
+
+def _render_example(rng: np.random.Generator, split: str, index: int, frames: int, height: int,
+                    width: int) -> dict[str, Any]:
+    attrs = sample_attributes(rng, split, image=frames == 1)
     return {
         "video": render_video(attrs, frames, height, width),
-        "caption": make_caption(attrs, rng, SPLITS[split].phrasing),
+        "caption": make_caption(attrs, rng, SPLITS[split].phrasing, image=frames == 1),
         "colour": attrs.colour,
         "shape": attrs.shape,
         "direction": attrs.direction,
@@ -367,9 +395,74 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
 
     def __post_init__(self):
         check_frames(self.frames)
-        if min(self.height, self.width) < 16:
-            raise ValueError(f"height and width must be >= 16 for clear shapes; got "
-                             f"{self.height}x{self.width}")
+        check_clip_size(self.frames, self.height, self.width)
+
+
+def _probabilities(weights: tuple[float, ...] | None, num: int, name: str) -> np.ndarray:
+    """Relative weights (None: uniform) as probabilities over `num` choices."""
+    p = np.ones(num) if weights is None else np.asarray(weights, np.float64)
+    if p.shape != (num,) or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"{name} must be {num} non-negative weights, not all 0; got {weights}")
+    return p / p.sum()
+
+
+# Playback rate of every clip (moving_shapes has no real time; video_io writes at 8 fps too).
+NOMINAL_FPS = 8.0
+
+
+@dataclasses.dataclass(eq=False)
+class MixedMovingShapesConfig(tfds.core.BuilderConfig):
+    """Each example draws its own size: an image (1 frame) with probability `image_fraction`, else
+    a video of one of `durations` frames; and, independently, one of `resolutions` (height, width).
+    Weights are relative probabilities (None: uniform). No clip exceeds `max_frames` frames or
+    `max_area` pixels per frame. `num_test` examples go to each of test and test_seen."""
+
+    resolutions: tuple[tuple[int, int], ...] = ((16, 16), (16, 32), (32, 16))
+    resolution_weights: tuple[float, ...] | None = None
+    durations: tuple[int, ...] = (5, 9, 13, 17)
+    duration_weights: tuple[float, ...] | None = None
+    image_fraction: float = 0.25
+    max_area: int = 512
+    max_frames: int = 17
+    num_train: int = 10_000
+    num_validation: int = 500
+    num_test: int = 500
+
+    def __post_init__(self):
+        check_clip_size(self.max_frames, SPATIAL_MULTIPLE, SPATIAL_MULTIPLE)
+        for frames in self.durations:
+            check_frames(frames)
+            if frames > self.max_frames:
+                raise ValueError(f"duration {frames} exceeds max_frames={self.max_frames}")
+        for height, width in self.resolutions:
+            check_clip_size(1, height, width)
+            if height * width > self.max_area:
+                raise ValueError(f"resolution {height}x{width} exceeds max_area={self.max_area}")
+        _probabilities(self.duration_weights, len(self.durations), "duration_weights")
+        _probabilities(self.resolution_weights, len(self.resolutions), "resolution_weights")
+        if not 0 <= self.image_fraction <= 1:
+            raise ValueError(f"image_fraction must be in [0, 1]; got {self.image_fraction}")
+
+    def sample_size(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """(frames, height, width) of one example."""
+        frames = 1
+        if rng.random() >= self.image_fraction:
+            p = _probabilities(self.duration_weights, len(self.durations), "duration_weights")
+            frames = self.durations[rng.choice(len(self.durations), p=p)]
+        p = _probabilities(self.resolution_weights, len(self.resolutions), "resolution_weights")
+        height, width = self.resolutions[rng.choice(len(self.resolutions), p=p)]
+        return frames, height, width
+
+
+def make_mixed_example(seed: int, split: str, index: int,
+                       config: MixedMovingShapesConfig) -> dict[str, Any]:
+    """Example `index` of `split` in a mixed-size config: as `make_example`, at the size that
+    `config.sample_size` draws, plus that size and NOMINAL_FPS ('frames', 'height', 'width', 'fps').
+    """
+    rng = np.random.default_rng((seed, list(SPLITS).index(split), index))
+    frames, height, width = config.sample_size(rng)
+    example = _render_example(rng, split, index, frames, height, width)
+    return example | {"frames": frames, "height": height, "width": width, "fps": NOMINAL_FPS}
 
 
 class MovingShapes(tfds.core.GeneratorBasedBuilder):
@@ -388,6 +481,13 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
         MovingShapesConfig(name="f17_s64", description="17 frames of 64x64.",
                            frames=17, height=64, width=64,
                            num_train=50_000, num_validation=1_000, num_test=1_000),
+        MixedMovingShapesConfig(name="tiny_mixed", description="5 or 9 frames, or images (a "
+                                "quarter), of 16x16, 16x32 or 32x16; for tests.",
+                                durations=(5, 9), max_frames=9,
+                                num_train=64, num_validation=16, num_test=16),
+        MixedMovingShapesConfig(name="mixed_s16", description="16x16 (half), 16x32 or 32x16; 5, "
+                                "9, 13 or 17 frames, or images (a quarter); at most 3.8x the "
+                                "pixels of f9_s16's clips.", resolution_weights=(2, 1, 1)),
     ]
     DEFAULT_CONFIG_NAME = "f9_s16"
 
@@ -404,16 +504,23 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
+        mixed = isinstance(c, MixedMovingShapesConfig)
         scalar = tfds.features.Scalar
+        sizes = {
+            "frames": scalar(np.int32, doc="T, 1 + 4k (1: an image)"),
+            "height": scalar(np.int32, doc="H, a multiple of 16"),
+            "width": scalar(np.int32, doc="W, a multiple of 16"),
+            "fps": scalar(np.float32, doc="nominal frames per second"),
+        } if mixed else {}
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
             features=tfds.features.FeaturesDict({
                 # array_record compresses records anyway; zlib-encoding the flat frames first
                 # (~30x smaller) makes writing ~2.5x and reading ~2x faster.
-                "video": tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3),
-                                              dtype=np.uint8,
-                                              encoding=tfds.features.Encoding.ZLIB),
+                "video": tfds.features.Tensor(
+                    shape=(None, None, None, 3) if mixed else (c.frames, c.height, c.width, 3),
+                    dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
                 "caption": tfds.features.Text(),
                 "colour": tfds.features.ClassLabel(names=COLOURS),
                 "shape": tfds.features.ClassLabel(names=SHAPES),
@@ -424,6 +531,7 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
                 "start_x": scalar(np.float32, doc="first-frame centre, fraction of width"),
                 "start_y": scalar(np.float32, doc="first-frame centre, fraction of height"),
                 "index": scalar(np.int64, doc="example index in its split (regenerates it)"),
+                **sizes,
             }),
         )
 
@@ -434,4 +542,6 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str):
         c = self.builder_config
         num = {"train": c.num_train, "validation": c.num_validation}.get(split, c.num_test)
+        if isinstance(c, MixedMovingShapesConfig):
+            return ((i, make_mixed_example(DATASET_SEED, split, i, c)) for i in range(num))
         return generate_examples(DATASET_SEED, split, num, c.frames, c.height, c.width)

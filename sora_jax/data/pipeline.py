@@ -20,40 +20,58 @@ import tensorflow_datasets as tfds
 
 from sora_jax.data import latent_cache as latent_cache_lib
 from sora_jax.data import moving_shapes  # noqa: F401  (registers the builder with tfds)
+from sora_jax.data import video_folder  # registers the builder with tfds
 
 
 def data_kwargs(data: Any) -> dict[str, Any]:
     """The dataset arguments of a config's `data` section: name, builder_config, data_dir and, where
-    set, latent_cache (see data/latent_cache.py)."""
-    kw = dict(name=data.name, builder_config=data.builder_config, data_dir=data.data_dir)
+    set, latent_cache (see data/latent_cache.py).
+
+    For name='video_folder', builder_config becomes a `video_folder.VideoFolderConfig` named by
+    data.builder_config, from data.folder and, where set, data.max_area, max_frames, target_fps
+    and validation_fraction (see data/video_folder.py).
+    """
+    builder_config = data.builder_config
+    if data.name == "video_folder":
+        if not data.get("folder"):
+            raise ValueError("config.data.name='video_folder' needs config.data.folder: "
+                             f"{video_folder.LAYOUT}")
+        options = {k: data[k] for k in video_folder.OPTIONS if data.get(k) is not None}
+        builder_config = video_folder.VideoFolderConfig.for_folder(
+            data.folder, name=data.builder_config, **options)
+    kw = dict(name=data.name, builder_config=builder_config, data_dir=data.data_dir)
     if data.get("latent_cache"):
         kw["latent_cache"] = data.latent_cache
     return kw
 
 
-def clip_shape(name: str, builder_config: str, data_dir: str | None = None,
-               latent_cache: str | None = None) -> tuple[int, ...]:
-    """(frames, height, width, 3) of the dataset's clips, generating the dataset if needed."""
+def clip_shape(name: str, builder_config: str | tfds.core.BuilderConfig,
+               data_dir: str | None = None,
+               latent_cache: str | None = None) -> tuple[int | None, ...]:
+    """(frames, height, width, 3) of the dataset's clips, generating the dataset if needed; None
+    for sizes that vary per example (mixed-size datasets store each one's 'frames', 'height' and
+    'width')."""
     del latent_cache
     return tuple(prepare(name, builder_config, data_dir).info.features["video"].shape)
 
 
-def get_builder(name: str, builder_config: str, data_dir: str | None = None
-                ) -> tfds.core.DatasetBuilder:
-    """The tfds builder `name/builder_config` in `data_dir` (default ~/tensorflow_datasets)."""
+def get_builder(name: str, builder_config: str | tfds.core.BuilderConfig,
+                data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+    """The tfds builder `name/builder_config` in `data_dir` (default ~/tensorflow_datasets);
+    builder_config is a config's name or the config itself (video_folder's, from `data_kwargs`)."""
     return tfds.builder(name, config=builder_config, data_dir=data_dir,
                         file_format="array_record")
 
 
-def prepare(name: str, builder_config: str, data_dir: str | None = None
-            ) -> tfds.core.DatasetBuilder:
+def prepare(name: str, builder_config: str | tfds.core.BuilderConfig,
+            data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """The builder, after generating its data if not yet there (generated locally, no download).
 
     On several hosts, prepare once before launching (or give each host its own data_dir).
     """
     builder = get_builder(name, builder_config, data_dir)
     if not builder.is_prepared():
-        print(f"Generating {name}/{builder_config} into {builder.data_dir}", flush=True)
+        print(f"Generating {builder.info.full_name} into {builder.data_dir}", flush=True)
         builder.download_and_prepare(file_format="array_record")
     return builder
 

@@ -12,7 +12,8 @@ videos (`score`) cannot be gamed by the generator and need no training:
                its best shape explains it (a noisy blob, two fragments or no object do not count)
     colour:    nearest palette entry to the median colour of the objects' cores
     direction: least-squares velocity of the centroid over coherent frames; 'still' when the
-               whole clip moves less than half the dataset's slowest speed
+               whole clip moves less than half the dataset's slowest speed, and for a coherent
+               image (a 1-frame clip)
 """
 
 import collections
@@ -168,6 +169,8 @@ def _colour(object_pixels: np.ndarray, distance: np.ndarray) -> tuple[str, float
 
 def _direction(centroids: np.ndarray, coherent: np.ndarray, side: int) -> str:
     """Direction of the least-squares centroid velocity over coherent frames."""
+    if len(coherent) == 1:  # an image: nothing moves
+        return "still" if coherent[0] else UNKNOWN
     if coherent.sum() < 2:
         return UNKNOWN
     t = np.flatnonzero(coherent)
