@@ -6,8 +6,16 @@ The backends compute the same function; the config picks one per platform:
            hand-written backward, so that every matmul, forward and backward, is a bf16 x bf16 -> f32
            product in a layout the CPU's fast matmul library takes.
   'cudnn'  cuDNN's fused kernel (GPU only).
+  'splash' the Pallas splash-attention kernel: native on TPU, elsewhere run by the Pallas interpreter
+           (slow; for tests). It takes segment ids and key padding, no other mask and no bias.
 Softmax is computed in f32. Masked logits get a large finite negative value, so a query whose keys are
-all masked gets the mean of all values rather than NaN.
+all masked gets the mean of all values ('splash': of the values padded to its block size) rather than NaN.
+
+Packing (NaViT): several clips share one sequence, each token carrying a segment id (the clip's index,
+>= 1; 0 = padding). A query attends to a key iff their segment ids are equal and `mask` allows it, which
+makes self-attention block-diagonal and sends each clip's cross-attention to its own caption's tokens.
+Padding queries (id 0) thus attend to the padding keys only; their outputs are meaningless but finite,
+and the loss must mask them.
 """
 
 import functools
@@ -16,23 +24,42 @@ import einops
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-BACKENDS = ("xla", "cpu", "cudnn")
+BACKENDS = ("xla", "cpu", "cudnn", "splash")
 _MASKED = -1e30
+# Splash: the segment id of keys no query may attend to (masked keys, padding to the kernel's blocks),
+# and the block granularity: it compares segment ids a vector register (128 lanes) at a time.
+_UNMATCHED = -1
+_SPLASH_LANES = 128
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
               bias: jax.Array | None = None, scale: float | None = None,
+              q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
               backend: str = "xla") -> jax.Array:
     """Multi-head attention.
 
     q: [B, Lq, H, D]; k, v: [B, Lk, H, D], all of one dtype.
     mask: bool, broadcastable to [B, H, Lq, Lk] (e.g. [B, 1, 1, Lk] for key padding); True = attend.
+      'splash' takes key padding only.
     bias: float, broadcastable to [B, H, Lq, Lk], added to the scaled logits (e.g. T5's relative
       position bias); 'xla' and 'cudnn' only.
     scale: the logits' factor, 1/sqrt(D) when None (T5 uses 1.0).
+    q_segment_ids: int [B, Lq], non-negative; kv_segment_ids: int [B, Lk], q_segment_ids when None
+      (self-attention). A query attends to a key iff their ids are equal (see the module docstring).
     Returns [B, Lq, H, D] in q's dtype.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    segment_ids = _checked_segment_ids(q, k, q_segment_ids, kv_segment_ids)
+    if backend == "splash":
+        if bias is not None:
+            raise ValueError("attention backend 'splash' takes no bias; use 'xla' or 'cudnn'")
+        return _splash_attention(q, k, v, mask, segment_ids, q.shape[-1] ** -0.5 if scale is None else scale)
+    if segment_ids is not None:
+        same = segment_ids[0][:, None, :, None] == segment_ids[1][:, None, None, :]
+        mask = same if mask is None else jnp.logical_and(mask, same)
     if backend == "xla":
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
                                             implementation="xla")
@@ -40,16 +67,80 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
         if bias is not None:
             raise ValueError("attention backend 'cpu' takes no bias; use 'xla'")
         return _cpu_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
-    if backend == "cudnn":
-        if jax.default_backend() != "gpu":
-            raise ValueError(f"attention backend 'cudnn' needs a GPU, but JAX runs on "
-                             f"{jax.default_backend()!r}; use 'xla' (any platform) or 'cpu' (fast on CPU)")
-        # cuDNN's kernel takes 16-bit inputs only.
-        dtype = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
-        out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), bias=bias,
-                                           mask=mask, scale=scale, implementation="cudnn")
-        return out.astype(q.dtype)
-    raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"attention backend 'cudnn' needs a GPU, but JAX runs on "
+                         f"{jax.default_backend()!r}; use 'xla' (any platform) or 'cpu' (fast on CPU)")
+    # cuDNN's kernel takes 16-bit inputs only.
+    dtype = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+    out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), bias=bias,
+                                       mask=mask, scale=scale, implementation="cudnn")
+    return out.astype(q.dtype)
+
+
+def _checked_segment_ids(q, k, q_ids, kv_ids):
+    """(q_ids [B, Lq], kv_ids [B, Lk]) int32, or None without segment ids; ValueError on bad shapes."""
+    if q_ids is None:
+        if kv_ids is not None:
+            raise ValueError("kv_segment_ids given without q_segment_ids; pass both (or only "
+                             "q_segment_ids, for self-attention)")
+        return None
+    if kv_ids is None:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(f"q_segment_ids alone means self-attention, but q has {q.shape[1]} tokens "
+                             f"and k {k.shape[1]}; pass kv_segment_ids for cross-attention")
+        kv_ids = q_ids
+    for name, ids, x in (("q_segment_ids", q_ids, q), ("kv_segment_ids", kv_ids, k)):
+        ids = jnp.asarray(ids)
+        if ids.shape != x.shape[:2] or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"{name} must be int [batch, length] = {list(x.shape[:2])}, "
+                             f"got {ids.dtype} {list(ids.shape)}")
+    return jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)
+
+
+def _splash_attention(q, k, v, mask, segment_ids, scale):
+    """The splash kernel per example on [H, L, D], with the sequences padded to its block sizes.
+
+    Without segment ids every token gets id 0; a key-padding mask becomes the id _UNMATCHED on the masked
+    keys, as do the keys added as block padding (the queries added are cut off again).
+    """
+    (b, lq, heads, _), lk = q.shape, k.shape[1]
+    q_ids, kv_ids = segment_ids or (jnp.zeros((b, lq), jnp.int32), jnp.zeros((b, lk), jnp.int32))
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        if mask.ndim != 4 or mask.shape[1:3] != (1, 1):
+            raise ValueError(f"attention backend 'splash' takes a mask only as key padding, "
+                             f"[B, 1, 1, Lk], got {list(mask.shape)}; express other masks as segment "
+                             f"ids, or use 'xla'")
+        kv_ids = jnp.where(jnp.broadcast_to(mask[:, 0, 0], kv_ids.shape), kv_ids, _UNMATCHED)
+    lq_padded, lk_padded = _round_up(lq, _SPLASH_LANES), _round_up(lk, _SPLASH_LANES)
+    to_rows = lambda x, length: jnp.pad(einops.rearrange(x, "b l h d -> b h l d"),
+                                        ((0, 0), (0, 0), (0, length - x.shape[1]), (0, 0)))
+    ids = splash.SegmentIds(
+        q=jnp.pad(q_ids, ((0, 0), (0, lq_padded - lq)), constant_values=_UNMATCHED),
+        kv=jnp.pad(kv_ids, ((0, 0), (0, lk_padded - lk)), constant_values=_UNMATCHED))
+    kernel = _splash_kernel(heads, lq_padded, lk_padded, jax.default_backend() != "tpu")
+    # The kernel takes no scale: scaling q spares a pass over the logits anyway.
+    out = jax.vmap(kernel)(to_rows((q * scale).astype(q.dtype), lq_padded), to_rows(k, lk_padded),
+                           to_rows(v, lk_padded), ids)
+    return einops.rearrange(out[:, :, :lq], "b h l d -> b l h d").astype(q.dtype)
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def _splash_kernel(heads, lq, lk, interpret):
+    """The splash kernel for [heads, lq, D] queries and [heads, lk, D] keys, lq and lk multiples of 128,
+    with no mask but the segment ids; blocks of up to 512 tokens."""
+    block = lambda length: max(b for b in (128, 256, 512) if length % b == 0)
+    bq, bkv = block(lq), block(lk)
+    sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                              block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    mask = splash.MultiHeadMask([splash.FullMask((lq, lk))] * heads)
+    # Built per trace (its tables become arrays of that trace); splash caches the mask analysis itself.
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
 def _cpu_attention(q, k, v, mask, scale):
