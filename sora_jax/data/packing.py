@@ -24,6 +24,10 @@ position (pt latent frames) of one clip: the DiT takes one timestep per slot, an
 modulation once per slot rather than per token. The slots of a row are numbered in token order, so
 slot, like segment_ids, is non-decreasing along a row. K bounds the temporal positions per row; a
 natural choice is seq_len // (the fewest tokens per temporal position among the sizes trained on).
+
+`unpack` takes a clip back out of an array in this layout (e.g. the DiT's output), `slot_values` lays
+out per-clip values of each temporal position (e.g. flow times) as [R, K], and `packing_efficiency`
+is the fraction of token positions that hold clips rather than padding.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Convention: x_t = (1 - t) * x_0 + t * noise, with t in [0, 1]; t = 0 is clean data, t = 1 pure
 noise, and the velocity dx_t/dt = noise - x_0. Timesteps are given per temporal token position
 (`t: [batch, frames // pt]`), so clean conditioning frames (t = 0) and noisy frames share one
-sequence. Whatever the network predicts (velocity, clean sample or noise), the loss is measured in
-velocity space, so the objective is the same and only the parameterisation changes.
+sequence; packed token rows take times already gathered per token (see `expand_time`). Whatever the
+network predicts (velocity, clean sample or noise), the loss is measured in velocity space, so the
+objective is the same and only the parameterisation changes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ def resolution_shift(num_values: int, base_values: int, base_shift: float = 1.0)
 
 
 def expand_time(t: jax.Array, x: jax.Array) -> jax.Array:
-    """Broadcasts per-temporal-position times t: [B, Tt] against x: [B, T, H, W, C] (T = Tt * pt)."""
+    """Broadcasts per-temporal-position times t: [B, Tt] against x: [B, T, H, W, C] (T = Tt * pt).
+
+    A t of x's rank is already per value (e.g. [B, L, 1] for packed tokens [B, L, P]) and is returned
+    as it is.
+    """
+    if t.ndim == x.ndim:
+        return t
     repeat = x.shape[1] // t.shape[1]
     if repeat * t.shape[1] != x.shape[1]:
         raise ValueError(f"{x.shape[1]} frames cannot be split into {t.shape[1]} timestep groups.")

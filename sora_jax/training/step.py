@@ -3,6 +3,9 @@
 Batches hold latents (the autoencoder's output; pixels for the identity autoencoder) and text:
   latent: float32 [B, T, H, W, C]
   text: float32 [B, L, D] frozen text-encoder tokens; text_mask: bool [B, L]
+Packed batches (`make_packed_train_step`) hold rows of several clips of different sizes, as
+`data.packing.pack` makes them: tokens [R, L, P], segment_ids, positions, slot, slot_clip, text
+[R, M, Lc, D], text_mask, sizes.
 """
 
 from __future__ import annotations
@@ -47,42 +50,99 @@ def flow_loss(model: nn.Module, flow: RectifiedFlow, params, batch: Batch) -> ja
     return jnp.mean(flow.loss(prediction, x0, noise, t))
 
 
-def make_train_step(model: nn.Module, flow: RectifiedFlow, *, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, ema_decay: float, caption_dropout: float,
-                    temporal_patch: int, grad_accum_steps: int = 1, group: str = "dit") -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
-    """Returns train_step(state, batch, rng) -> (state, metrics).
+def _update(state: TrainState, batch: Batch, grad_fn, *, tx: optax.GradientTransformation,
+            schedule: optax.Schedule, ema_decay: float, grad_accum_steps: int, group: str):
+    """One optimizer step of `group` on the gradient of grad_fn(params, batch) -> (loss, grads).
 
     With grad_accum_steps = k the batch (with its noise, drawn once for the whole batch) is split
     into k microbatches whose gradients are averaged in a scan before one optimizer update: the
     update equals the one-batch update while memory scales with the microbatch.
     """
+    g = state.groups[group]
+    if grad_accum_steps == 1:
+        loss, grads = grad_fn(g.params, batch)
+    else:
+        micro = jax.tree.map(
+            lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
+            batch)
+
+        def accumulate(carry, microbatch):
+            return jax.tree.map(jnp.add, carry, grad_fn(g.params, microbatch)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, g.params))
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": schedule(state.step),
+    }
+    groups = {**state.groups, group: g.apply_gradients(grads, tx, ema_decay)}
+    return state.replace(step=state.step + 1, groups=groups), metrics
+
+
+def make_train_step(model: nn.Module, flow: RectifiedFlow, *, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, ema_decay: float, caption_dropout: float,
+                    temporal_patch: int, grad_accum_steps: int = 1, group: str = "dit") -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+    """Returns train_step(state, batch, rng) -> (state, metrics); see `_update` for grad_accum_steps."""
     grad_fn = jax.value_and_grad(functools.partial(flow_loss, model, flow))
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
-        g = state.groups[group]
         batch = {**batch, **draw_noise(flow, batch["latent"], rng, caption_dropout=caption_dropout,
                                        temporal_patch=temporal_patch)}
-        if grad_accum_steps == 1:
-            loss, grads = grad_fn(g.params, batch)
-        else:
-            micro = jax.tree.map(
-                lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]),
-                batch)
+        return _update(state, batch, grad_fn, tx=tx, schedule=schedule, ema_decay=ema_decay,
+                       grad_accum_steps=grad_accum_steps, group=group)
 
-            def accumulate(carry, microbatch):
-                return jax.tree.map(jnp.add, carry, grad_fn(g.params, microbatch)), None
+    return train_step
 
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, g.params))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-            loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": schedule(state.step),
-        }
-        groups = {**state.groups, group: g.apply_gradients(grads, tx, ema_decay)}
-        return state.replace(step=state.step + 1, groups=groups), metrics
+
+def draw_packed_noise(flow: RectifiedFlow, batch: Batch, rng: jax.Array, *,
+                      caption_dropout: float) -> Batch:
+    """The randomness of one packed training step: one time per clip, given to each of its slots
+    (t [R, K]), noise per token value, and which clips' captions are dropped ([R, M])."""
+    rows, clips = batch["text_mask"].shape[:2]
+    rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
+    clip_t = flow.sample_time(rng_t, rows * clips).reshape(rows, clips)
+    return {
+        "t": jnp.take_along_axis(clip_t, jnp.maximum(batch["slot_clip"] - 1, 0), axis=1),
+        "noise": jax.random.normal(rng_noise, batch["tokens"].shape, batch["tokens"].dtype),
+        "drop_text": jax.random.bernoulli(rng_drop, caption_dropout, (rows, clips)),
+    }
+
+
+def packed_flow_loss(model: nn.Module, flow: RectifiedFlow, params, batch: Batch) -> jax.Array:
+    """Mean velocity-space loss over the clips' token values of a packed batch that carries its noise
+    draw (see `draw_packed_noise`). Padding tokens are left out, so every real token weighs the same
+    whatever row it shares."""
+    x0, noise = batch["tokens"], batch["noise"]
+    t = jnp.take_along_axis(batch["t"], batch["slot"], axis=1)[..., None]  # [R, L, 1]
+    x_t = flow.interpolate(x0, noise, t)
+    prediction = model.apply(
+        {"params": params}, x_t, batch["t"], batch["text"], batch["text_mask"],
+        segment_ids=batch["segment_ids"], positions=batch["positions"], slot=batch["slot"],
+        slot_clip=batch["slot_clip"], drop_text=batch["drop_text"], sizes=batch.get("sizes"),
+        method="packed")
+    error = jnp.square(flow.to_velocity(prediction, x_t, t) - (noise - x0))
+    real = (batch["segment_ids"] > 0)[..., None]
+    return jnp.sum(jnp.where(real, error, 0.0)) / (jnp.maximum(jnp.sum(real), 1) * x0.shape[-1])
+
+
+def make_packed_train_step(model: nn.Module, flow: RectifiedFlow, *, tx: optax.GradientTransformation,
+                           schedule: optax.Schedule, ema_decay: float, caption_dropout: float,
+                           grad_accum_steps: int = 1, group: str = "dit") -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+    """Returns train_step(state, packed_batch, rng) -> (state, metrics) for packed batches (the
+    arrays of `data.packing.pack`), with `packed_flow_loss`; the metrics add packing_efficiency, the
+    fraction of token positions that hold clips rather than padding. With grad_accum_steps, rows
+    split into microbatches whose token means weigh the same (see `_update`)."""
+    grad_fn = jax.value_and_grad(functools.partial(packed_flow_loss, model, flow))
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        batch = {**batch, **draw_packed_noise(flow, batch, rng, caption_dropout=caption_dropout)}
+        state, metrics = _update(state, batch, grad_fn, tx=tx, schedule=schedule, ema_decay=ema_decay,
+                                 grad_accum_steps=grad_accum_steps, group=group)
+        return state, {**metrics, "packing_efficiency": jnp.mean(batch["segment_ids"] > 0)}
 
     return train_step
 
