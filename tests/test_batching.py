@@ -75,3 +75,11 @@ def test_a_budget_without_room_for_a_row_is_refused():
         batcher("pack", tokens_per_batch=200)
     with pytest.raises(ValueError, match="Unknown batching"):
         batcher("stack")
+
+
+@pytest.mark.parametrize("kind", batching.BATCHINGS)
+def test_a_finite_split_is_batched_whole_with_the_last_batches_partly_filled(kind):
+    batches = list(batcher(kind)(clips(37)))
+    seen = [i for batch in batches for i in clip_indices(batch)]
+    assert sorted(seen) == list(range(37))
+    assert all(b["segment_ids"].shape[0] % 2 == 0 for b in batches)

@@ -15,7 +15,8 @@ DiT train step serves all three ways:
 `tokens_per_batch` fixes the work of a step: pad and pack use tokens_per_batch // seq_len rows, a
 bucket tokens_per_batch // (its tokens per clip) rows, each rounded down to a multiple of
 `row_multiple` (the ways the mesh splits the batch). A batcher keeps the clips it has read but not
-yet placed; a resumed run starts without them.
+yet placed; a resumed run starts without them. When the clips run out (a finite split), the last
+batches go out partly filled, their empty rows all padding.
 """
 
 from __future__ import annotations
@@ -94,23 +95,25 @@ class Batcher:
     def _padded(self, clips: Iterator[Clip]) -> Iterator[dict[str, np.ndarray]]:
         rows = self.rows(self.seq_len)
         while batch := [self._check(c) for _, c in zip(range(rows), clips)]:
-            if len(batch) < rows:
-                return
             yield self._pack(batch, seq_len=self.seq_len, max_clips=1,
                              max_slots=self.max_slots, num_rows=rows)
 
     def _bucketed(self, clips: Iterator[Clip]) -> Iterator[dict[str, np.ndarray]]:
         buckets: dict[tuple[int, ...], list[Clip]] = collections.defaultdict(list)
+
+        def batch(shape):
+            tokens = self.tokens(buckets[shape][0])
+            return self._pack(buckets.pop(shape), seq_len=tokens, max_clips=1,
+                              max_slots=shape[0] // self.patch_size[0],
+                              num_rows=max(self.rows(tokens), self.row_multiple))
+
         for clip in clips:
             shape = tuple(np.shape(self._check(clip)["latent"]))
-            bucket = buckets[shape]
-            bucket.append(clip)
-            tokens = self.tokens(clip)
-            rows = max(self.rows(tokens), self.row_multiple)
-            if len(bucket) == rows:
-                del buckets[shape]
-                yield self._pack(bucket, seq_len=tokens, max_clips=1,
-                                 max_slots=shape[0] // self.patch_size[0], num_rows=rows)
+            buckets[shape].append(clip)
+            if len(buckets[shape]) == max(self.rows(self.tokens(clip)), self.row_multiple):
+                yield batch(shape)
+        for shape in list(buckets):
+            yield batch(shape)
 
     def _packed(self, clips: Iterator[Clip]) -> Iterator[dict[str, np.ndarray]]:
         rows = self.rows(self.seq_len)
@@ -121,11 +124,13 @@ class Batcher:
             while len(held) < self.lookahead:
                 clip = pending.popleft() if pending else next(clips, None)
                 if clip is None:
-                    return  # a last, partly filled batch is dropped like a remainder
+                    break
                 batch.append(self._check(clip))
                 if len(self._assign(batch)) > rows:
                     held.append(batch.pop())
             pending.extendleft(reversed(held))
+            if not batch:
+                return
             yield self._pack(batch, seq_len=self.seq_len, max_clips=self.max_clips,
                              max_slots=self.max_slots, num_rows=rows)
 

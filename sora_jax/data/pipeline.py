@@ -23,6 +23,9 @@ from sora_jax.data import moving_shapes  # noqa: F401  (registers the builder wi
 from sora_jax.data import video_folder  # registers the builder with tfds
 
 
+SIZE_KEYS = ("frames", "height", "width", "fps")
+
+
 def data_kwargs(data: Any) -> dict[str, Any]:
     """The dataset arguments of a config's `data` section: name, builder_config, data_dir and, where
     set, latent_cache (see data/latent_cache.py).
@@ -96,6 +99,8 @@ class DecodeExample(grain.transforms.Map):
             "caption": example["caption"].decode("utf-8"),
         }
         decoded.update({key: np.int32(example[key]) for key in self.labels})
+        # Datasets of many sizes store each clip's size (see data/moving_shapes.py).
+        decoded.update({key: np.asarray(example[key]).item() for key in SIZE_KEYS if key in example})
         return decoded
 
 
@@ -103,8 +108,11 @@ def make_loader(*, name: str, builder_config: str, data_dir: str | None, split: 
                 batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
                 worker_count: int = 0, drop_remainder: bool = True,
                 shard_options: grain.sharding.ShardOptions | None = None,
-                latent_cache: str | None = None) -> grain.DataLoader:
+                latent_cache: str | None = None, collate: str = "stack") -> grain.DataLoader:
     """Batches of `split` for this host (batch_size per host), generating the data if needed.
+
+    collate='stack' stacks each batch's arrays; 'list' keeps it a list of examples, for clips of
+    many sizes (`data/batching.py` batches those by their token count).
 
     With latent_cache, batches come from that cache ('latent', 'caption', 'text', 'text_mask' and
     labels) instead of pixels. num_epochs=None repeats forever. shard_options defaults to one
@@ -124,10 +132,14 @@ def make_loader(*, name: str, builder_config: str, data_dir: str | None, split: 
         num_epochs=num_epochs,
         seed=seed,
     )
+    if collate not in ("stack", "list"):
+        raise ValueError(f"collate must be 'stack' or 'list', got {collate!r}.")
+    batch = grain.transforms.Batch(batch_size, drop_remainder=drop_remainder,
+                                   batch_fn=list if collate == "list" else None)
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=[decode, grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)],
+        operations=[decode, batch],
         worker_count=worker_count,
     )
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sora_jax.data import batching as batching_lib
+from sora_jax.data import packing as packing_lib
 from sora_jax.diffusion.flow import RectifiedFlow
 from sora_jax.diffusion.sampling import Guidance, euler_sample
 from sora_jax.models import patch as patch_lib
@@ -26,9 +30,11 @@ from sora_jax.models.dit import DiT
 from sora_jax.training import autoencoders as autoencoder_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import state as state_lib
-from sora_jax.training.step import make_eval_step, make_train_step
+from sora_jax.training.step import (make_eval_step, make_packed_eval_step,
+                                    make_packed_train_step, make_train_step)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DEFAULT_FPS = 8.0  # size conditioning's frame rate where the data gives none
 
 
 def validate_common(config: ml_collections.ConfigDict) -> None:
@@ -133,6 +139,13 @@ class ExperimentBase:
     def _init_boxed(self, rng: jax.Array) -> state_lib.TrainState:
         raise NotImplementedError
 
+    def make_batch(self, host: dict) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def train_batches(self, host_batches: Iterator) -> Iterator[dict[str, jax.Array]]:
+        """Device batches from the loader's host batches (one each, unless overridden)."""
+        return (self.make_batch(host) for host in host_batches)
+
     @functools.cached_property
     def state_shardings(self) -> Any:
         """NamedShardings of the TrainState, from the logical names its parameters carry."""
@@ -204,7 +217,19 @@ class Experiment(ExperimentBase):
             attention_backend=c.model.attention_backend,
             scan_layers=c.model.scan_layers,
             remat_policy=c.model.remat_policy,
+            size_conditioning=c.model.get("size_conditioning", False),
         )
+        self.batcher = self._make_batcher() if c.data.get("batching") else None
+
+    def _make_batcher(self) -> batching_lib.Batcher:
+        """Packed batches of clips of many sizes, config.data.tokens_per_batch tokens a step."""
+        c, processes = self.config, jax.process_count()
+        ways = mesh_lib.batch_axis_size(self.mesh, self.rules)
+        return batching_lib.Batcher(
+            c.data.batching, tokens_per_batch=c.data.tokens_per_batch // processes,
+            seq_len=c.data.seq_len, max_clips=c.data.max_clips if c.data.batching == "pack" else 1,
+            max_slots=c.data.max_slots, patch_size=tuple(c.model.patch_size),
+            text_len=c.text.max_length, row_multiple=max(1, ways // processes))
 
     @functools.cached_property
     def loaded_autoencoder(self) -> tuple[Any, Any]:
@@ -220,10 +245,29 @@ class Experiment(ExperimentBase):
         """Global shapes of a training batch."""
         b = self.config.data.batch_size if batch_size is None else batch_size
         text_len, text_dim = self.config.text.max_length, self.model.text_dim
+        if self.batcher is not None:
+            return self._packed_shapes(text_len, text_dim)
         return {
             "latent": jax.ShapeDtypeStruct((b, *self.latent_shape), jnp.float32),
             "text": jax.ShapeDtypeStruct((b, text_len, text_dim), jnp.float32),
             "text_mask": jax.ShapeDtypeStruct((b, text_len), jnp.bool_),
+        }
+
+    def _packed_shapes(self, text_len: int, text_dim: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Global shapes of a packed batch of rows of seq_len tokens (`data.packing.pack`)."""
+        d, b = self.config.data, self.batcher
+        rows, length, clips = b.rows(b.seq_len) * jax.process_count(), b.seq_len, b.max_clips
+        patch_dim = math.prod(b.patch_size) * self.latent_shape[-1]
+        shape = lambda *s, dtype=jnp.int32: jax.ShapeDtypeStruct(s, dtype)
+        return {
+            "tokens": shape(rows, length, patch_dim, dtype=jnp.float32),
+            "segment_ids": shape(rows, length),
+            "positions": shape(rows, length, 3),
+            "slot": shape(rows, length),
+            "slot_clip": shape(rows, d.max_slots),
+            "text": shape(rows, clips, text_len, text_dim, dtype=jnp.float32),
+            "text_mask": shape(rows, clips, text_len, dtype=jnp.bool_),
+            "sizes": shape(rows, clips, len(packing_lib.SIZE_FIELDS), dtype=jnp.float32),
         }
 
     def tokens_per_example(self) -> int:
@@ -231,18 +275,23 @@ class Experiment(ExperimentBase):
         pt, ph, pw = self.config.model.patch_size
         return (t // pt) * (h // ph) * (w // pw)
 
-    def train_flops_per_step(self) -> float:
-        """Model FLOPs of one training step: forward + backward (3x forward) over the global batch."""
+    def train_flops_per_step(self) -> float | None:
+        """Model FLOPs of one training step: forward + backward (3x forward) over the global batch;
+        None for batches of many sizes, whose FLOPs vary."""
+        if self.batcher is not None:
+            return None
         forward = self.model.flops_per_example(self.latent_shape[:3], self.config.text.max_length)
         return 3.0 * forward * self.config.data.batch_size
 
     # State ------------------------------------------------------------------------------------
 
     def _init_boxed(self, rng: jax.Array) -> state_lib.TrainState:
-        b = self.batch_shapes(1)
-        dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in b.items()}
+        text_len = self.config.text.max_length
+        latent = jnp.zeros((1, *self.latent_shape))
         t = jnp.zeros((1, self.latent_shape[0] // self.temporal_patch))
-        params = self.model.init(rng, dummy["latent"], t, dummy["text"], dummy["text_mask"])["params"]
+        text, mask = jnp.zeros((1, text_len, self.model.text_dim)), jnp.ones((1, text_len), bool)
+        sizes = self.sample_sizes(1) if self.model.size_conditioning else None
+        params = self.model.init(rng, latent, t, text, mask, sizes=sizes)["params"]
         group = state_lib.Group.create(params, self.tx, self.config.optim.ema_decay)
         return state_lib.TrainState(step=jnp.zeros((), jnp.int32), groups={"dit": group})
 
@@ -252,12 +301,20 @@ class Experiment(ExperimentBase):
                        grad_accum_steps: int | None = None):
         """train_step(state, batch, rng) -> (state, metrics), jitted with this mesh's shardings."""
         c = self.config
-        step = make_train_step(
-            self.model, self.flow, tx=self.tx, schedule=self.schedule, ema_decay=c.optim.ema_decay,
-            caption_dropout=c.text.caption_dropout if caption_dropout is None else caption_dropout,
-            temporal_patch=self.temporal_patch,
-            grad_accum_steps=grad_accum_steps or c.optim.grad_accum_steps)
+        kw = dict(tx=self.tx, schedule=self.schedule, ema_decay=c.optim.ema_decay,
+                  caption_dropout=c.text.caption_dropout if caption_dropout is None else caption_dropout,
+                  grad_accum_steps=grad_accum_steps or c.optim.grad_accum_steps)
+        if self.batcher is not None:
+            step = make_packed_train_step(self.model, self.flow, **kw)
+        else:
+            step = make_train_step(self.model, self.flow, temporal_patch=self.temporal_patch, **kw)
         return self.jit_step(step, self.batch_shapes(), donate=donate)
+
+    def sample_sizes(self, batch: int) -> jax.Array:
+        """Size conditioning [batch, 5] of the config's clip size (what samples are made at)."""
+        d = self.config.data
+        features = packing_lib.size_features(d.frames, d.get("fps", DEFAULT_FPS), d.height, d.width)
+        return jnp.tile(jnp.asarray(features)[None], (batch, 1))
 
     @functools.cached_property
     def _encode(self):
@@ -271,6 +328,11 @@ class Experiment(ExperimentBase):
 
     def describe(self, state) -> str:
         n = sum(x.size for x in jax.tree.leaves(state.groups["dit"].params))
+        if self.batcher is not None:
+            b = self.batcher
+            return (f"DiT: {n / 1e6:.2f}M parameters, clips of many sizes batched by "
+                    f"{b.batching!r}, {self.config.data.tokens_per_batch} tokens a step "
+                    f"({b.seq_len} a row)")
         return (f"DiT: {n / 1e6:.2f}M parameters, {self.tokens_per_example()} tokens per example, "
                 f"latents {self.latent_shape}")
 
@@ -288,13 +350,36 @@ class Experiment(ExperimentBase):
         latent = host["latent"] if "latent" in host else self.encode_video(host["video"])
         return self.global_batch({"latent": latent, "text": text, "text_mask": mask})
 
+    def train_batches(self, host_batches: Iterator) -> Iterator[dict[str, jax.Array]]:
+        """Device batches from host batches: as they are, or for clips of many sizes (lists of
+        examples) encoded one by one and batched by `self.batcher` (padded, bucketed or packed)."""
+        if self.batcher is None:
+            yield from super().train_batches(host_batches)
+            return
+        for packed in self.batcher(self._clips(host_batches)):
+            yield self.global_batch({k: packed[k] for k in self.batch_shapes()})
+
+    def _clips(self, host_batches: Iterator[list[dict]]) -> Iterator[dict[str, Any]]:
+        for examples in host_batches:
+            text, mask = self._cached_text_encoder([e["caption"] for e in examples])
+            for example, tokens, valid in zip(examples, text, mask):
+                yield {"latent": self.encode_video(example["video"][None])[0], "text": tokens,
+                       "text_mask": valid, "fps": example.get("fps", DEFAULT_FPS),
+                       **{k: example[k] for k in ("frames", "height", "width")}}
+
     def throughput(self, steps_per_s: float) -> dict[str, float]:
+        if self.batcher is not None:  # every position; packing_efficiency says how many are clips
+            return {"steps_per_s": steps_per_s,
+                    "tokens_per_s": steps_per_s * self.config.data.tokens_per_batch}
         return {"steps_per_s": steps_per_s,
                 "tokens_per_s": steps_per_s * self.config.data.batch_size * self.tokens_per_example(),
                 "tflops_per_s": steps_per_s * self.train_flops_per_step() / 1e12}
 
     @functools.cached_property
     def _eval_step(self):
+        if self.batcher is not None:
+            return jax.jit(make_packed_eval_step(self.model, self.flow,
+                                                 time_bins=tuple(self.config.train.time_bins)))
         return jax.jit(make_eval_step(self.model, self.flow, time_bins=tuple(self.config.train.time_bins),
                                       temporal_patch=self.temporal_patch))
 
@@ -369,8 +454,10 @@ class Experiment(ExperimentBase):
         def sample(params, autoencoder_params, text, text_mask, rng, negative):
             denoise = lambda x, t, cond: self.model.apply({"params": params}, x, t, *cond)
             own = jnp.zeros((text.shape[0],), bool)  # drop_text: each row sees its own caption
-            cond = (text, text_mask, own)
-            uncond = (text, text_mask, ~own) if negative is None else (*negative, own)
+            # The DiT's size conditioning, where it has one: the size being sampled.
+            sizes = (self.sample_sizes(text.shape[0]),) if self.model.size_conditioning else ()
+            cond = (text, text_mask, own, *sizes)
+            uncond = (text, text_mask, ~own, *sizes) if negative is None else (*negative, own, *sizes)
             noise = jax.random.normal(rng, (text.shape[0], *shape), jnp.float32)
             latent = euler_sample(self.flow, denoise, noise, cond, uncond, steps=steps,
                                   guidance=settings, temporal_patch=self.temporal_patch)

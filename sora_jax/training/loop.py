@@ -50,7 +50,12 @@ def check_data_shape(config: ml_collections.ConfigDict, data_kw: dict) -> None:
     """The dataset's clips must have the size the config's model and shardings are built for."""
     stored = pipeline.clip_shape(**data_kw)
     expected = (config.data.frames, config.data.height, config.data.width, 3)
-    if stored != expected:
+    if None in stored and not config.data.get("batching"):
+        raise ValueError(
+            f"Dataset {config.data.name}/{config.data.builder_config} holds clips of many sizes; "
+            "train on it with config.data.batching='pack', 'bucket' or 'pad' (see "
+            "configs/moving_shapes_mixed.py).")
+    if None not in stored and stored != expected:
         raise ValueError(
             f"Dataset {config.data.name}/{config.data.builder_config} holds clips of shape {stored}, "
             f"but config.data.(frames, height, width) give {expected[:3]}; set them to "
@@ -107,9 +112,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
         latent_cache.check_matches(data_kw["latent_cache"], latent_shape=exp.latent_shape,
                                    text=text_identity(c.text))
     host_batch = c.data.batch_size // jax.process_count()
+    collate = "list" if c.data.get("batching") else "stack"  # clips of many sizes: batched later
     train_iter = iter(pipeline.make_loader(
         **data_kw, split=c.data.train_split, batch_size=host_batch, seed=c.seed, shuffle=True,
-        worker_count=c.data.worker_count))
+        worker_count=c.data.worker_count, collate=collate))
     if start is None:
         state = exp.init_state(jax.random.key(c.seed))
         start = 0
@@ -123,9 +129,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
     # Fixed validation batches and fixed training clips for checkpoint statistics: comparable
     # across steps and runs.
     def fixed_batches(split: str) -> list:
-        it = iter(pipeline.make_loader(**data_kw, split=split, batch_size=host_batch, seed=c.seed,
-                                       shuffle=False, num_epochs=1, worker_count=0))
-        return [exp.make_batch(next(it)) for _ in range(c.train.num_eval_batches)]
+        it = exp.train_batches(iter(pipeline.make_loader(
+            **data_kw, split=split, batch_size=host_batch, seed=c.seed, collate=collate,
+            shuffle=False, num_epochs=1, worker_count=0, drop_remainder=collate == "stack")))
+        return [next(it) for _ in range(c.train.num_eval_batches)]
 
     val_batches = fixed_batches(c.data.validation_split)
     stat_batches = fixed_batches(c.data.train_split) if c.task == "vae" else []
@@ -181,6 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
     progress = tqdm.tqdm(total=c.train.num_steps, initial=start, desc="train", unit="step",
                          mininterval=10, disable=jax.process_index() != 0)
     step = start
+    batches = exp.train_batches(train_iter)  # device batches from the host batches
     with _Preemption() as preemption, exp.activate():
         while step < c.train.num_steps:
             if preemption.requested:
@@ -189,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
                 break
             if profile_range and step == profile_range[0]:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            batch = exp.make_batch(next(train_iter))
+            batch = next(batches)
             state, metrics = train_step(state, batch, base_rng)
             step += 1
             window_steps += 1

@@ -171,3 +171,23 @@ def make_eval_step(model: nn.Module, flow: RectifiedFlow, *, time_bins: tuple[fl
         return jax.lax.map(loss_at, bins)
 
     return eval_step
+
+
+def make_packed_eval_step(model: nn.Module, flow: RectifiedFlow, *, time_bins: tuple[float, ...],
+                          group: str = "dit") -> Callable[[TrainState, Batch, jax.Array], jax.Array]:
+    """`make_eval_step` for packed batches: the loss over the clips' tokens per time bin."""
+    bins = jnp.asarray(time_bins, jnp.float32)
+
+    def eval_step(state: TrainState, batch: Batch, rng: jax.Array) -> jax.Array:
+        params = state.groups[group].inference_params
+        noise = jax.random.normal(rng, batch["tokens"].shape, batch["tokens"].dtype)
+        no_drop = jnp.zeros(batch["text_mask"].shape[:2], bool)
+
+        def loss_at(t_value):
+            t = jnp.full(batch["slot_clip"].shape, t_value)
+            return packed_flow_loss(model, flow, params,
+                                    {**batch, "t": t, "noise": noise, "drop_text": no_drop})
+
+        return jax.lax.map(loss_at, bins)
+
+    return eval_step
