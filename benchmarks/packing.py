@@ -16,13 +16,14 @@ stream. The model is the config's DiT with size conditioning, trained by `make_p
           temporal position) temporal positions each
 
 Every distinct batch shape is compiled first (its first call, compile and run, is reported apart)
-and called once more to warm up; then pad and pack time --steps consecutive batches of the stream,
-and bucket times each of its shapes for --steps steps and weighs them by how often the stream fills
-a batch of that shape (a stream of --mix_clips sizes), so that its figures hold for a long run, not
-for the few large-clip buckets that fill first. Throughput uses median step times: steps/s, tokens/s
-(all positions, padding included), useful tokens/s (clip tokens only), clips/s, and the packing
-efficiency (useful / all positions). Batches are made before timing: this times the step, not the
-batcher (its host time per batch is reported apart).
+and called once more to warm up. Then --steps rounds each run one step of every batching in turn,
+so that a busy machine slows all three alike: pad and pack step through consecutive batches of the
+stream, bucket through one batch of each of its shapes, weighed by how often the stream fills a
+batch of that shape (a stream of --mix_clips sizes), so that its figures hold for a long run rather
+than for the few large-clip buckets that fill first. Throughput uses median step times: steps/s,
+tokens/s (all positions, padding included), useful tokens/s (clip tokens only), clips/s, and the
+packing efficiency (useful / all positions). Batches are made before timing: this times the step,
+not the batcher (its host time per batch is reported apart).
 """
 
 import collections

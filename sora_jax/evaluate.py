@@ -22,7 +22,8 @@ FLAGS = flags.FLAGS
 
 def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, guidance=None, seed=0,
                            checkpoint_step=None, split=None, rephrase=None,
-                           expand_prompt=None, frames=None, height=None, width=None) -> dict:
+                           expand_prompt=None, frames=None, height=None, width=None,
+                           rope=None) -> dict:
     """Prompt adherence of generated videos on the config's held-out split.
 
     `rephrase` (moving_shapes only) replaces each caption by the same attributes worded in one of
@@ -39,12 +40,10 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     from sora_jax.data.video_io import write_video
     from sora_jax.eval import detector
     from sora_jax.training.checkpoint import restore_for_inference
-    from sora_jax.training.experiment import Experiment, guidance_settings, to_uint8
+    from sora_jax.training.experiment import (Experiment, at_sample_size, guidance_settings,
+                                              to_uint8)
 
-    with config.unlocked():
-        config.data.frames = frames or config.data.frames
-        config.data.height = height or config.data.height
-        config.data.width = width or config.data.width
+    config = at_sample_size(config, frames=frames, height=height, width=width, rope=rope)
     exp = Experiment(config)
     state, step = restore_for_inference(workdir, exp.abstract_state(), checkpoint_step)
     steps = steps or config.sampling.steps
@@ -81,6 +80,7 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     out_dir = os.path.join(workdir, "eval")
     name = (f"step_{step:06d}_{split}{'_' + rephrase if rephrase else ''}"
             f"{'_expanded' if expand_prompt else ''}_g{guidance:g}_s{steps}"
+            f"{'_interpolated' if config.sampling.get('rope') == 'interpolate' else ''}"
             f"_{config.data.frames}x{config.data.height}x{config.data.width}")
     write_video(os.path.join(out_dir, name + ".gif"), videos[:16])
     result = {
@@ -89,6 +89,7 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
         "checkpoint_step": int(step),
         "split": split,
         "size": [config.data.frames, config.data.height, config.data.width],
+        "rope": config.sampling.get("rope", "extrapolate"),
         "phrasing": rephrase or "dataset",
         "expand_prompt": expand_prompt,
         "num_prompts": len(prompts),
@@ -219,6 +220,8 @@ def define_flags():
                         "(moving_shapes): 'train' (training wording), 'synonyms' (held-out "
                         "synonyms), 'word_order' (unseen word order) or 'long' (longer sentences).")
     flags.DEFINE_integer("frames", None, "Generate this many frames (default: training's).")
+    flags.DEFINE_enum("rope", None, ["extrapolate", "interpolate"], "Positions at sizes beyond "
+                      "training's (default: config.sampling.rope, else extrapolate).")
     flags.DEFINE_integer("height", None, "Generate at this height (default: training's).")
     flags.DEFINE_integer("width", None, "Generate at this width (default: training's).")
     flags.DEFINE_string("expand_prompt", None, "Expand every prompt first: 'moving_shapes' "
@@ -238,7 +241,8 @@ def main(argv):
     else:
         kwargs.update(num_prompts=FLAGS.num_prompts, steps=FLAGS.steps, guidance=FLAGS.guidance,
                       rephrase=FLAGS.rephrase, expand_prompt=FLAGS.expand_prompt,
-                      frames=FLAGS.frames, height=FLAGS.height, width=FLAGS.width)
+                      frames=FLAGS.frames, height=FLAGS.height, width=FLAGS.width,
+                      rope=FLAGS.rope)
     result = evaluate(FLAGS.workdir, **kwargs)
     print(json.dumps(result))
 

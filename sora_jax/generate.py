@@ -48,11 +48,14 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
 def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=None, width=None,
              steps=None, guidance=None, guidance_rescale=None, guidance_interval=None,
              negative_prompts=None, seed=0, num_samples=1, checkpoint_step=None,
-             expand_prompt=None, expand_model="gpt-4o-mini", expand_api_key_env="OPENAI_API_KEY"):
+             expand_prompt=None, expand_model="gpt-4o-mini", expand_api_key_env="OPENAI_API_KEY",
+             rope=None):
     """Samples `num_samples` videos per prompt, writes them tiled to `out`, returns (path, videos).
 
     expand_prompt: None, 'moving_shapes' or an OpenAI-compatible endpoint URL
     (`prompt_expansion.get_prompt_expander`); prompts are expanded before encoding.
+    rope: None (the config's), 'extrapolate' or 'interpolate': RoPE positions at sizes larger than
+    training's (`Experiment._rope_scale`).
 
     guidance, guidance_rescale, guidance_interval: `sampling.Guidance`'s scale, rescale and
     (lo, hi); None takes the workdir's config.sampling. negative_prompts: None, one for every
@@ -63,7 +66,8 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
 
     from sora_jax.data.video_io import check_writable, write_video
     from sora_jax.training.checkpoint import restore_for_inference
-    from sora_jax.training.experiment import Experiment, guidance_settings, to_uint8
+    from sora_jax.training.experiment import (Experiment, at_sample_size, guidance_settings,
+                                              to_uint8)
     from sora_jax.training.loop import load_config
 
     check_writable(out)
@@ -77,11 +81,8 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
         expander = get_prompt_expander(expand_prompt, model=expand_model,
                                        api_key_env=expand_api_key_env, seed=seed)
         prompts = expand_prompts(prompts, expander)
-    config = load_config(workdir)
-    with config.unlocked():
-        config.data.frames = frames or config.data.frames
-        config.data.height = height or config.data.height
-        config.data.width = width or config.data.width
+    config = at_sample_size(load_config(workdir), frames=frames, height=height, width=width,
+                            rope=rope)
     exp = Experiment(config)
     sampler = exp.make_sampler(steps=steps or config.sampling.steps, **guidance_settings(
         config.sampling, guidance=guidance, guidance_rescale=guidance_rescale,
@@ -125,6 +126,9 @@ def define_flags():
                         "endpoint.")
     flags.DEFINE_string("expand_api_key_env", "OPENAI_API_KEY", "Environment variable holding "
                         "the endpoint's API key (sent only when set).")
+    flags.DEFINE_enum("rope", None, ["extrapolate", "interpolate"], "Positions at sizes beyond "
+                      "training's: continue them (extrapolate) or compress them into the trained "
+                      "range (interpolate). Default: config.sampling.rope, else extrapolate.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
     flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
@@ -142,7 +146,7 @@ def main(argv):
                        negative_prompts=FLAGS.negative_prompt, seed=FLAGS.seed,
                        num_samples=FLAGS.num_samples, checkpoint_step=FLAGS.checkpoint_step,
                        expand_prompt=FLAGS.expand_prompt, expand_model=FLAGS.expand_model,
-                       expand_api_key_env=FLAGS.expand_api_key_env)
+                       expand_api_key_env=FLAGS.expand_api_key_env, rope=FLAGS.rope)
     print(path)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from sora_jax.training import loop, text_cache
 from sora_jax.training.checkpoint import CheckpointMismatchError, Checkpointer
-from sora_jax.training.experiment import Experiment, guidance_settings
+from sora_jax.training.experiment import Experiment, at_sample_size, guidance_settings
 from tests.helpers import tiny_config
 
 
@@ -204,3 +204,17 @@ def test_gradient_accumulation_gives_the_one_batch_update(single_and_sharded):
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
                  s1.groups["dit"].params, s4.groups["dit"].params)
+
+
+def test_sampling_at_larger_sizes_extrapolates_positions_or_interpolates_them_into_training():
+    config = tiny_config()  # 5 x 16 x 16 pixels, (1, 4, 4) patches: a 5 x 4 x 4 grid
+    same = Experiment(at_sample_size(config, rope="interpolate"))
+    assert same.model.rope_scale == (1.0, 1.0, 1.0)  # the training size is never scaled
+    wide = at_sample_size(config, frames=9, width=32)
+    assert Experiment(wide).model.rope_scale == (1.0, 1.0, 1.0)  # extrapolation by default
+    wide.sampling.rope = "interpolate"
+    assert Experiment(wide).model.rope_scale == (5 / 9, 1.0, 0.5)
+    assert wide.sampling.rope_reference == (5, 16, 16) and config.data.width == 16
+    wide.sampling.rope = "stretch"
+    with pytest.raises(ValueError, match="config.sampling.rope='stretch'"):
+        Experiment(wide)

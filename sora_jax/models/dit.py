@@ -196,6 +196,9 @@ class DiT(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"  # REMAT_POLICIES
     rope_theta: float = 10000.0
+    # Factors on the (t, h, w) positions before RoPE: 1 extrapolates to sizes beyond training;
+    # below 1 interpolates a larger grid into the trained range (position interpolation).
+    rope_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
     size_conditioning: bool = False  # Adds a SizeEmbedder of each clip's sizes to its conditioning.
 
     def __call__(self, x, t, text, text_mask, drop_text=None, sizes=None):
@@ -312,7 +315,8 @@ class DiT(nn.Module):
                          metadata_params={nn.PARTITION_NAME: "layers"})
         blocks = blocks(self.num_heads, self.mlp_ratio, self.qk_norm, self.dtype, self.matmul,
                         self.attention_backend, name="blocks")
-        angles = rope(positions, self.width // self.num_heads, self.rope_theta)
+        scaled = jnp.asarray(positions, jnp.float32) * jnp.asarray(self.rope_scale, jnp.float32)
+        angles = rope(scaled, self.width // self.num_heads, self.rope_theta)
         h, _ = blocks(h, cond, context, context_ids, angles, slot, segment_ids)
         return FinalLayer(tokens.shape[-1], self.dtype, self.matmul, name="final_layer")(h, cond, slot)
 

@@ -27,6 +27,7 @@ from sora_jax.diffusion.sampling import Guidance, euler_sample
 from sora_jax.models import patch as patch_lib
 from sora_jax.models import text as text_lib
 from sora_jax.models.dit import DiT
+from sora_jax.models.patch import grid_size
 from sora_jax.training import autoencoders as autoencoder_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import state as state_lib
@@ -63,6 +64,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          "change config.model.width or num_heads.")
     if not 0.0 <= config.text.caption_dropout < 1.0:
         raise ValueError(f"config.text.caption_dropout must be in [0, 1), got {config.text.caption_dropout}.")
+    if config.sampling.get("rope", "extrapolate") not in ("extrapolate", "interpolate"):
+        raise ValueError(f"config.sampling.rope={config.sampling.rope!r}; valid: 'extrapolate', "
+                         "'interpolate'.")
     if config.text.get("dtype", "float32") not in DTYPES:
         raise ValueError(f"config.text.dtype={config.text.dtype!r}; valid: {sorted(DTYPES)}.")
     autoencoder = autoencoder_lib.declared_autoencoder(config.autoencoder)
@@ -84,6 +88,25 @@ def guidance_settings(sampling: ml_collections.ConfigDict, **overrides) -> dict[
                     guidance_interval=sampling.get("guidance_interval", (0.0, 1.0)))
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings
+
+
+def at_sample_size(config: ml_collections.ConfigDict, *, frames: int | None = None,
+                   height: int | None = None, width: int | None = None,
+                   rope: str | None = None) -> ml_collections.ConfigDict:
+    """A trained workdir's config set to sample at another size (None keeps the training one).
+
+    The training size becomes config.sampling.rope_reference (unless the config declares one), the
+    range `rope='interpolate'` compresses larger grids into; see `Experiment._rope_scale`.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    data = config.data
+    if not config.sampling.get("rope_reference"):
+        config.sampling.rope_reference = (data.frames, data.height, data.width)
+    if rope is not None:
+        config.sampling.rope = rope
+    data.frames, data.height, data.width = frames or data.frames, height or data.height, \
+        width or data.width
+    return config
 
 
 def text_identity(text: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -218,8 +241,26 @@ class Experiment(ExperimentBase):
             scan_layers=c.model.scan_layers,
             remat_policy=c.model.remat_policy,
             size_conditioning=c.model.get("size_conditioning", False),
+            rope_scale=self._rope_scale(),
         )
         self.batcher = self._make_batcher() if c.data.get("batching") else None
+
+    def _rope_scale(self) -> tuple[float, float, float]:
+        """RoPE position factors for the config's clip size (see `DiT.rope_scale`).
+
+        config.sampling.rope='extrapolate' (the default) keeps positions as they are at any size;
+        'interpolate' compresses each axis longer than config.sampling.rope_reference's (the
+        largest (frames, height, width) trained on; generate and evaluate set it to the training
+        size) into the trained range. Sizes within the reference are never scaled.
+        """
+        c = self.config
+        mode = c.sampling.get("rope", "extrapolate")
+        if mode == "extrapolate":
+            return (1.0, 1.0, 1.0)
+        reference = c.sampling.get("rope_reference") or (c.data.frames, c.data.height, c.data.width)
+        trained = grid_size(self.autoencoder.latent_shape(*reference)[:3], c.model.patch_size)
+        grid = grid_size(self.latent_shape[:3], c.model.patch_size)
+        return tuple(min(1.0, r / g) for r, g in zip(trained, grid))
 
     def _make_batcher(self) -> batching_lib.Batcher:
         """Packed batches of clips of many sizes, config.data.tokens_per_batch tokens a step."""
