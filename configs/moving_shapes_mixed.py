@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Tokens per row: at least the longest clip (17 frames at 16x32: 5 x 4 x 8 = 160 latent
         # tokens; tiny_mixed: 3 x 4 x 4 = 48), all 'pad' uses; a packed row holds a few clips.
         seq_len=(48 if runlocal else 160) if batching == "pad" else (128 if runlocal else 256),
-        max_clips=16,  # clips per packed row
+        max_clips=8,  # clips per packed row: cross-attention sees every slot's caption
         max_slots=16,  # temporal positions per packed row: seq_len / 16 (a 4x4 latent frame)
         batch_size=32,  # clips read from the dataset at a time (per step: tokens_per_batch)
     )
