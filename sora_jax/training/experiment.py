@@ -265,6 +265,10 @@ class Experiment(ExperimentBase):
     def _make_batcher(self) -> batching_lib.Batcher:
         """Packed batches of clips of many sizes, config.data.tokens_per_batch tokens a step."""
         c, processes = self.config, jax.process_count()
+        if c.data.batching == "bucket" and processes > 1:
+            # Each host would fill its buckets in its own order: batch shapes would disagree.
+            raise ValueError("config.data.batching='bucket' runs on one host; on several, use "
+                             "'pack' (one batch shape on every host).")
         ways = mesh_lib.batch_axis_size(self.mesh, self.rules)
         return batching_lib.Batcher(
             c.data.batching, tokens_per_batch=c.data.tokens_per_batch // processes,
