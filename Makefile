@@ -43,5 +43,7 @@ demo: $(VENV)/.installed
 	    --prompt="a green triangle drifting down and to the right" --prompt="a yellow circle stays still"
 	@echo "Sample videos: $(abspath $(WORKDIR))/demo/ (training samples in $(abspath $(WORKDIR))/samples/)"
 
+# Two test processes, a whole file each (module fixtures are built once): XLA compiles on one
+# thread, so two overlap on two cores.
 test: $(VENV)/.installed-dev
-	$(RUN)$(PY) -m pytest -q tests --durations=15
+	$(RUN)$(PY) -m pytest -q -n 2 --dist loadfile tests --durations=15

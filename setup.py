@@ -40,7 +40,7 @@ setuptools.setup(
         "importlib-resources>=6.0",  # tfds 4.9.10 imports it without declaring it
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # torch==2.13.0 resolves to the CPU wheel on the project's CPU machines; on a machine with
         # CUDA wheels in its index, install torch from https://download.pytorch.org/whl/cpu first.
         "interop": ["torch==2.13.0", "transformers>=4.40", "sentence-transformers>=3.0", "diffusers>=0.35"],
