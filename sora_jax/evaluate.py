@@ -49,8 +49,7 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     steps = steps or config.sampling.steps
     guidance = config.sampling.guidance if guidance is None else guidance
     num_prompts = num_prompts or config.eval.num_prompts
-    data_kw = dict(name=config.data.name, builder_config=config.data.builder_config,
-                   data_dir=config.data.data_dir)
+    data_kw = pipeline.data_kwargs(config.data)  # video_folder's config object included
     split = split or config.data.eval_split
     prompts = pipeline.eval_prompts(**data_kw, split=split, num=num_prompts)
     if len(prompts) < num_prompts:

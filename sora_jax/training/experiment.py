@@ -440,9 +440,8 @@ class Experiment(ExperimentBase):
     @functools.cached_property
     def _sample_prompts(self) -> list[str]:
         from sora_jax.data import pipeline
-        d = self.config.data
         return [p["caption"] for p in pipeline.eval_prompts(
-            name=d.name, builder_config=d.builder_config, data_dir=d.data_dir, split=d.eval_split,
+            **pipeline.data_kwargs(self.config.data), split=self.config.data.eval_split,
             num=self.config.train.num_samples)]
 
     @functools.cached_property
