@@ -10,11 +10,12 @@ configs/vae_moving_shapes.py encodes each clip at its size (latents of 1-5 frame
   pad      one clip per row, padded to seq_len
 
 The DiT is the default experiment's, with size conditioning (frames, fps, height, width, aspect).
-Train the VAE first (see configs/moving_shapes.py), then:
+Train the VAE first (see configs/moving_shapes.py), then encode the dataset once and train:
 
-  python -m sora_jax.train --config=configs/moving_shapes_mixed.py --workdir=workdirs/ms_mixed
-  python -m sora_jax.generate --workdir=workdirs/ms_mixed --prompt="a red square slides left" \
-      --frames=17 --height=16 --width=32 --out=wide.mp4
+  python -m sora_jax.cache_latents --config=configs/moving_shapes_mixed.py
+  python -m sora_jax.train --config=configs/moving_shapes_mixed.py --workdir=workdirs/moving_shapes_mixed
+  python -m sora_jax.generate --workdir=workdirs/moving_shapes_mixed --frames=17 --height=16 \
+      --width=32 --prompt="a red square slides left" --out=wide.mp4
 
 A few real steps on the CPU (under a minute; any VAE workdir of the runlocal VAE config):
 
@@ -40,7 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     batching = "pad" if "pad" in args else "bucket" if "bucket" in args else "pack"
     config.data.update(
         builder_config="tiny_mixed" if runlocal else "mixed_s16",
-        latent_cache=None,  # latents of many shapes are encoded as clips are read
+        # Latents of every clip at its own size, with its text embeddings (python -m
+        # sora_jax.cache_latents --config=configs/moving_shapes_mixed.py); None encodes clips
+        # as they are read, one VAE call per size of a host batch.
+        latent_cache=None if runlocal else "workdirs/moving_shapes_mixed_latents",
         # Samples, and generate's default size: the default experiment's clips.
         frames=5 if runlocal else 9, height=16, width=16, fps=8.0,
         batching=batching,

@@ -46,10 +46,12 @@ def cache_latents(config, out: str | None = None, splits: list[str] | None = Non
     data_kw = pipeline.data_kwargs(config.data)
     text_encoder = CachedTextEncoder(exp.make_text_encoder(text_mesh))
 
+    collate = "list" if config.data.get("batching") else "stack"  # clips of many sizes
+
     def batches(split):
         loader = pipeline.make_loader(**data_kw, split=split, batch_size=config.data.batch_size,
                                       seed=0, shuffle=False, num_epochs=1, drop_remainder=False,
-                                      shard_options=None)
+                                      shard_options=None, collate=collate)
         yield from loader
 
     bars = {}

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import moving_shapes
+from configs import moving_shapes, moving_shapes_mixed
 from sora_jax.cache_latents import cache_latents
 from sora_jax.data import latent_cache, pipeline
 from sora_jax.evaluate import evaluate
@@ -169,6 +169,49 @@ def test_a_vae_whose_latents_differ_from_the_dit_config_is_refused(vae_run, cach
     with pytest.raises(ValueError, match=r"does not match this config: text embeddings"):
         loop.train(config, str(tmp_path / "a"))
     assert not os.path.exists(tmp_path / "a" / "checkpoints" / "0")
+
+
+def mixed_config(vae_workdir, **data):
+    config = moving_shapes_mixed.get_config("runlocal")
+    config.data.data_dir = tiny_data_dir()
+    config.autoencoder.workdir = vae_workdir
+    config.data.update(data)
+    return config
+
+
+def test_a_cache_of_clips_of_many_sizes_serves_the_batcher_what_pixels_would(vae_run, cache_dir,
+                                                                           tmp_path):
+    workdir, _ = vae_run
+    out = str(tmp_path / "mixed")
+    cache_latents(mixed_config(workdir), out=out, splits=["validation"])
+    metadata = latent_cache.read_metadata(out)
+    assert metadata["latent_shape"] is None and metadata["clip_sizes"]
+    assert len(metadata["latent_sizes"]) > 2  # images, 5 and 9 frames; three aspects
+
+    exp = Experiment(mixed_config(workdir), devices=jax.devices()[:1])
+    read = lambda **kw: list(pipeline.make_loader(
+        **pipeline.data_kwargs(mixed_config(workdir, **kw).data), split="validation",
+        batch_size=16, seed=0, shuffle=False, num_epochs=1, collate="list"))
+    from_cache = list(exp._clips(iter(read(latent_cache=out))))
+    from_pixels = list(exp._clips(iter(read())))
+    assert len(from_cache) == len(from_pixels) == 16
+    for cached, encoded in zip(from_cache, from_pixels):
+        assert {k: cached[k] for k in ("frames", "height", "width")} == \
+            {k: encoded[k] for k in ("frames", "height", "width")}
+        assert cached["fps"] == pytest.approx(encoded["fps"])
+        np.testing.assert_allclose(cached["latent"], encoded["latent"], atol=1e-5)
+        np.testing.assert_allclose(cached["text"], encoded["text"], atol=2e-3)  # float16
+    assert len({c["latent"].shape for c in from_cache}) > 2
+
+    # Each config reads only a cache of its kind.
+    latent_cache.check_matches(out, latent_shape=exp.cache_latent_shape(),
+                               text=text_identity(exp.config.text))
+    with pytest.raises(ValueError, match="clips of many sizes vs the config's latents"):
+        latent_cache.check_matches(out, latent_shape=(2, 4, 4, 4),
+                                   text=text_identity(exp.config.text))
+    with pytest.raises(ValueError, match="without their sizes"):
+        latent_cache.check_matches(cache_dir, latent_shape=exp.cache_latent_shape(),
+                                   text=text_identity(exp.config.text))
 
 
 def test_a_dit_workdir_pointed_at_a_non_vae_workdir_is_refused(tmp_path):

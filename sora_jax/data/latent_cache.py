@@ -6,9 +6,14 @@ it in place of pixels:
 
     DIR/metadata.json                       what was encoded, with which VAE and text encoder
     DIR/{split}.array_record                one msgpack record per clip:
-        latent float32 [t, h, w, c], caption str, text float16 [L, D], text_mask bool [L], labels
+        latent float32 [t, h, w, c], caption str, text float16 [L, D], text_mask bool [L], labels;
+        for datasets of many sizes also frames, height, width (int) and fps (float) of the clip
 
     python -m sora_jax.cache_latents --config=configs/moving_shapes.py   # writes config.data.latent_cache
+
+Clips of many sizes (a dataset read with `collate='list'`) are encoded in one VAE call per size
+within each batch; `metadata["latent_shape"]` is then None and `metadata["latent_sizes"]` lists the
+latent shapes met.
 
 A cache is written to a temporary folder and renamed into place once complete, so an interrupted
 run never leaves a partial cache that looks finished.
@@ -16,12 +21,13 @@ run never leaves a partial cache that looks finished.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -58,20 +64,49 @@ class DecodeRecord(grain.transforms.Map):
 
     def map(self, record: bytes) -> dict[str, Any]:
         example = serialization.msgpack_restore(record)
-        out = {k: (np.int32(v) if np.ndim(v) == 0 and not isinstance(v, str) else v)
-               for k, v in example.items()}
+        out = {k: (np.float32(v) if isinstance(v, float) else np.int32(v) if np.ndim(v) == 0
+                   and not isinstance(v, str) else v) for k, v in example.items()}
         out["latent"] = np.asarray(example["latent"], np.float32)
         if "text" in example:
             out["text"] = np.asarray(example["text"], np.float32)
         return out
 
 
-def write_cache(root: str, splits: dict[str, Iterable[dict[str, Any]]], *,
+def encode_by_size(videos: Sequence[np.ndarray],
+                   encode_video: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
+    """Latents of clips of any sizes, in their order: one `encode_video` call per distinct shape."""
+    groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
+    for i, video in enumerate(videos):
+        groups[np.shape(video)].append(i)
+    latents: list[np.ndarray] = [None] * len(videos)  # type: ignore[list-item]
+    for indices in groups.values():
+        encoded = np.asarray(encode_video(np.stack([videos[i] for i in indices])), np.float32)
+        for i, latent in zip(indices, encoded):
+            latents[i] = latent
+    return latents
+
+
+def _examples(batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A host batch, stacked (a mapping of arrays) or collated as a list, as a list of examples."""
+    if isinstance(batch, Mapping):
+        return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["video"]))]
+    return list(batch)
+
+
+def _scalar(key: str, value: Any) -> Any:
+    if key == "caption":
+        return str(value)
+    return float(value) if np.issubdtype(np.asarray(value).dtype, np.floating) else int(value)
+
+
+def write_cache(root: str, splits: dict[str, Iterable[Any]], *,
                 encode_video: Callable[[np.ndarray], np.ndarray],
                 encode_text: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None,
                 metadata: dict[str, Any], progress: Callable[[str, int], None] | None = None) -> str:
-    """Encodes every host batch of every split ({'video', 'caption', labels...}) into `root`.
+    """Encodes every host batch of every split into `root`.
 
+    A batch is a mapping of stacked arrays ({'video', 'caption', labels...}) or a list of examples
+    (clips of many sizes, each with its 'frames', 'height', 'width', 'fps'), kept in the records.
     encode_text=None stores captions only (for a text encoder that is trained, not frozen).
     Returns root. Refuses to overwrite an existing cache.
     """
@@ -81,31 +116,34 @@ def write_cache(root: str, splits: dict[str, Iterable[dict[str, Any]]], *,
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=parent)
     try:
-        counts, latent_shape = {}, None
+        counts, shapes, sized = {}, set(), False
         for split, batches in splits.items():
             writer = ArrayRecordWriter(split_path(tmp, split), "group_size:1")
             count = 0
             for batch in batches:
-                latents = np.asarray(encode_video(batch["video"]), np.float32)
-                latent_shape = list(latents.shape[1:])
-                text = encode_text(list(batch["caption"])) if encode_text else None
+                examples = _examples(batch)
+                sized = sized or not isinstance(batch, Mapping)
+                latents = encode_by_size([e["video"] for e in examples], encode_video)
+                text = encode_text([str(e["caption"]) for e in examples]) if encode_text else None
                 if text is not None:
                     text = (_to_float16(np.asarray(text[0])), text[1])
-                for i in range(len(latents)):
-                    record = {k: (str(v[i]) if k == "caption" else int(v[i]))
-                              for k, v in batch.items() if k != "video"}
-                    record["latent"] = latents[i]
+                for i, (example, latent) in enumerate(zip(examples, latents)):
+                    record = {k: _scalar(k, v) for k, v in example.items() if k != "video"}
+                    record["latent"] = latent
+                    shapes.add(latent.shape)
                     if text is not None:
                         record["text"] = text[0][i]
                         record["text_mask"] = np.asarray(text[1][i], bool)
                     writer.write(encode_record(record))
-                count += len(latents)
+                count += len(examples)
                 if progress:
                     progress(split, count)
             writer.close()
             counts[split] = count
+        sizes = sorted(map(list, shapes))
         with open(os.path.join(tmp, METADATA), "w") as f:
-            json.dump({**metadata, "latent_shape": latent_shape, "num_examples": counts,
+            json.dump({**metadata, "latent_shape": None if sized else sizes[0] if sizes else None,
+                       "latent_sizes": sizes, "clip_sizes": sized, "num_examples": counts,
                        "text_embeddings": encode_text is not None}, f, indent=2)
         if os.path.exists(root):  # an empty or unfinished folder: never one with metadata
             shutil.rmtree(root)
@@ -134,20 +172,31 @@ def data_source(root: str, split: str) -> grain.sources.ArrayRecordDataSource:
     return grain.sources.ArrayRecordDataSource([split_path(root, split)])
 
 
-def check_matches(root: str, *, latent_shape, text: Mapping[str, Any]) -> None:
+def check_matches(root: str, *, latent_shape: Sequence[int | None],
+                  text: Mapping[str, Any]) -> None:
     """The cache must hold what the DiT config expects; names the mismatch and the fix.
 
     Args:
       root: the cache folder.
-      latent_shape: (t, h, w, c) latents of one clip, as the config's autoencoder makes them.
+      latent_shape: (t, h, w, c) latents of one clip, as the config's autoencoder makes them; for
+        clips of many sizes (t, h, w) are None, and the cache must keep each clip's size.
       text: what identifies the config's text embeddings (encoder, checkpoint, dtype, max_length;
         `metadata["text"]` of a cache written for it).
     """
     metadata = read_metadata(root)
     problems = []
-    if tuple(metadata["latent_shape"]) != tuple(latent_shape):
-        problems.append(f"latents {tuple(metadata['latent_shape'])} vs the config's "
-                        f"{tuple(latent_shape)}")
+    mixed = any(d is None for d in latent_shape)
+    cached = metadata["latent_shape"]
+    if mixed and not metadata.get("clip_sizes"):
+        problems.append(f"clips of one size {tuple(cached)} without their sizes vs the config's "
+                        "clips of many sizes")
+    elif not mixed and cached is None:
+        problems.append(f"clips of many sizes vs the config's latents {tuple(latent_shape)}")
+    elif mixed and any(s[-1] != latent_shape[-1] for s in metadata.get("latent_sizes", [])):
+        problems.append(f"latents of {sorted({s[-1] for s in metadata['latent_sizes']})} channels "
+                        f"vs the config's {latent_shape[-1]}")
+    elif not mixed and tuple(cached) != tuple(latent_shape):
+        problems.append(f"latents {tuple(cached)} vs the config's {tuple(latent_shape)}")
     if metadata["text_embeddings"] and metadata.get("text") != dict(text):
         problems.append(f"text embeddings of {metadata.get('text')} vs the config's {dict(text)}")
     if problems:

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from sora_jax.data import batching as batching_lib
+from sora_jax.data import latent_cache as latent_cache_lib
 from sora_jax.data import packing as packing_lib
 from sora_jax.diffusion.flow import RectifiedFlow
 from sora_jax.diffusion.sampling import Guidance, euler_sample
@@ -405,12 +406,29 @@ class Experiment(ExperimentBase):
             yield self.global_batch({k: packed[k] for k in self.batch_shapes()})
 
     def _clips(self, host_batches: Iterator[list[dict]]) -> Iterator[dict[str, Any]]:
+        """Clips for the batcher: from the latent cache as stored, or from pixels encoded here (one
+        VAE call per size of a host batch) with their captions' embeddings."""
         for examples in host_batches:
-            text, mask = self._cached_text_encoder([e["caption"] for e in examples])
-            for example, tokens, valid in zip(examples, text, mask):
-                yield {"latent": self.encode_video(example["video"][None])[0], "text": tokens,
-                       "text_mask": valid, "fps": example.get("fps", DEFAULT_FPS),
+            if "latent" in examples[0]:
+                latents = [e["latent"] for e in examples]
+            else:
+                latents = latent_cache_lib.encode_by_size([e["video"] for e in examples],
+                                                          self.encode_video)
+            if "text" in examples[0]:
+                text, mask = [e["text"] for e in examples], [e["text_mask"] for e in examples]
+            else:
+                text, mask = self._cached_text_encoder([e["caption"] for e in examples])
+            for example, latent, tokens, valid in zip(examples, latents, text, mask):
+                yield {"latent": latent, "text": tokens, "text_mask": valid,
+                       "fps": example.get("fps", DEFAULT_FPS),
                        **{k: example[k] for k in ("frames", "height", "width")}}
+
+    def cache_latent_shape(self) -> tuple[int | None, ...]:
+        """What `latent_cache.check_matches` expects of this config's cache: one clip's latent
+        shape, or (None, None, None, channels) for clips of many sizes."""
+        if self.batcher is not None:
+            return (None, None, None, self.latent_shape[-1])
+        return tuple(self.latent_shape)
 
     def throughput(self, steps_per_s: float) -> dict[str, float]:
         if self.batcher is not None:  # every position; packing_efficiency says how many are clips

@@ -109,7 +109,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
     data_kw = pipeline.data_kwargs(c.data)
     check_data_shape(c, data_kw)
     if data_kw.get("latent_cache"):
-        latent_cache.check_matches(data_kw["latent_cache"], latent_shape=exp.latent_shape,
+        latent_cache.check_matches(data_kw["latent_cache"], latent_shape=exp.cache_latent_shape(),
                                    text=text_identity(c.text))
     host_batch = c.data.batch_size // jax.process_count()
     collate = "list" if c.data.get("batching") else "stack"  # clips of many sizes: batched later
