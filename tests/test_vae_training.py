@@ -195,13 +195,17 @@ def test_a_cache_of_clips_of_many_sizes_serves_the_batcher_what_pixels_would(vae
     from_cache = list(exp._clips(iter(read(latent_cache=out))))
     from_pixels = list(exp._clips(iter(read())))
     assert len(from_cache) == len(from_pixels) == 16
-    for cached, encoded in zip(from_cache, from_pixels):
-        assert {k: cached[k] for k in ("frames", "height", "width")} == \
-            {k: encoded[k] for k in ("frames", "height", "width")}
-        assert cached["fps"] == pytest.approx(encoded["fps"])
-        np.testing.assert_allclose(cached["latent"], encoded["latent"], atol=1e-5)
-        np.testing.assert_allclose(cached["text"], encoded["text"], atol=2e-3)  # float16
     assert len({c["latent"].shape for c in from_cache}) > 2
+
+    def same(cached, encoded):  # the cache keeps clips grouped by size, not in the dataset's order
+        return (all(cached[k] == encoded[k] for k in ("frames", "height", "width", "fps"))
+                and cached["latent"].shape == encoded["latent"].shape
+                and np.allclose(cached["latent"], encoded["latent"], atol=1e-5)
+                and np.allclose(cached["text"], encoded["text"], atol=2e-3))  # text in float16
+
+    for cached in from_cache:
+        match = next(i for i, encoded in enumerate(from_pixels) if same(cached, encoded))
+        from_pixels.pop(match)
 
     # Each config reads only a cache of its kind.
     latent_cache.check_matches(out, latent_shape=exp.cache_latent_shape(),

@@ -11,8 +11,8 @@ it in place of pixels:
 
     python -m sora_jax.cache_latents --config=configs/moving_shapes.py   # writes config.data.latent_cache
 
-Clips of many sizes (a dataset read with `collate='list'`) are encoded in one VAE call per size
-within each batch; `metadata["latent_shape"]` is then None and `metadata["latent_sizes"]` lists the
+Clips of many sizes (a dataset read with `collate='list'`) are regrouped by size and encoded a
+full batch of one size at a time, so records are not in the dataset's order; `metadata["latent_shape"]` is then None and `metadata["latent_sizes"]` lists the
 latent shapes met.
 
 A cache is written to a temporary folder and renamed into place once complete, so an interrupted
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -74,16 +76,34 @@ class DecodeRecord(grain.transforms.Map):
 
 def encode_by_size(videos: Sequence[np.ndarray],
                    encode_video: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
-    """Latents of clips of any sizes, in their order: one `encode_video` call per distinct shape."""
+    """Latents of clips of any sizes, in their order: one `encode_video` call per distinct shape.
+
+    Each call's batch is padded (repeating its last clip) to a power of two, so a jitted encoder
+    compiles a few batch sizes per clip shape rather than one per count met.
+    """
     groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
     for i, video in enumerate(videos):
         groups[np.shape(video)].append(i)
     latents: list[np.ndarray] = [None] * len(videos)  # type: ignore[list-item]
     for indices in groups.values():
-        encoded = np.asarray(encode_video(np.stack([videos[i] for i in indices])), np.float32)
+        padded = indices + indices[-1:] * (2 ** math.ceil(math.log2(len(indices))) - len(indices))
+        encoded = np.asarray(encode_video(np.stack([videos[i] for i in padded])), np.float32)
         for i, latent in zip(indices, encoded):
             latents[i] = latent
     return latents
+
+
+def _by_size(batches: Iterable[list[Mapping[str, Any]]]) -> Iterator[list[Mapping[str, Any]]]:
+    """Examples of many sizes regrouped into batches of one size each, as many per batch as the
+    input's: full batches for the encoder, in an order the cache does not need to keep."""
+    pending: dict[tuple[int, ...], list[Mapping[str, Any]]] = collections.defaultdict(list)
+    for batch in batches:
+        for example in batch:
+            group = pending[np.shape(example["video"])]
+            group.append(example)
+            if len(group) == len(batch):
+                yield pending.pop(np.shape(example["video"]))
+    yield from pending.values()
 
 
 def _examples(batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -120,9 +140,13 @@ def write_cache(root: str, splits: dict[str, Iterable[Any]], *,
         for split, batches in splits.items():
             writer = ArrayRecordWriter(split_path(tmp, split), "group_size:1")
             count = 0
+            batches = iter(batches)
+            first = next(batches, None)
+            batches = itertools.chain([] if first is None else [first], batches)
+            if first is not None and not isinstance(first, Mapping):  # clips of many sizes
+                sized, batches = True, _by_size(batches)
             for batch in batches:
                 examples = _examples(batch)
-                sized = sized or not isinstance(batch, Mapping)
                 latents = encode_by_size([e["video"] for e in examples], encode_video)
                 text = encode_text([str(e["caption"]) for e in examples]) if encode_text else None
                 if text is not None:
