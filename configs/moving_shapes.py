@@ -119,6 +119,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_eval_batches=1 if runlocal else 2,
         time_bins=(0.1, 0.3, 0.5, 0.7, 0.9),
         num_samples=2 if runlocal else 4,
+        # Conditioning masks (diffusion/masks.py): the strategy of each clip is drawn with these
+        # weights; given latent frames are clean and out of the loss, so one model animates
+        # images, extends, loops and connects clips (sora_jax/prompting.py). {} trains text alone.
+        masks=dict(none=0.4, first_frame=0.15, last_frame=0.05, first_last=0.05, prefix=0.15,
+                   suffix=0.1, random=0.1),
     )
 
     config.eval = dict(num_prompts=4 if runlocal else 96, batch_size=4 if runlocal else 32)

@@ -10,6 +10,19 @@ Several --prompt flags give several videos; all samples are tiled side by side i
 and the guidance settings default to its config.sampling. One --negative_prompt applies to every
 prompt; repeated once per --prompt, each applies to its own.
 
+Prompted with images and videos (`sora_jax/prompting.py` says how given pixels condition the DiT):
+
+  --image=FILE                                    animate a still image (its first frame)
+  --video=FILE --extend=forward|backward --frames=N   continue a clip to N frames in all, window
+                                                  by window (--context_frames of it at a time)
+  --loop [--image=FILE | --video=FILE]            a seamless loop of a generated clip or a video
+  --video=FILE --strength=S                       edit a video: noise to S in (0, 1], denoise
+                                                  under the prompt (lower S keeps more of it)
+  --connect=A,B [--frames=N]                      a transition of N frames from clip A to clip B
+
+Images and videos are scaled to cover the sampling size and centre-cropped. The output shows the
+given frames as given and the generated ones around them.
+
 --expand_prompt rewrites each prompt as a detailed caption first (`prompt_expansion`): offline
 for the moving_shapes vocabulary, or through any OpenAI-compatible chat endpoint given by URL
 (--expand_model; the key, if any, from the environment variable --expand_api_key_env). If
@@ -49,13 +62,18 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
              steps=None, guidance=None, guidance_rescale=None, guidance_interval=None,
              negative_prompts=None, seed=0, num_samples=1, checkpoint_step=None,
              expand_prompt=None, expand_model="gpt-4o-mini", expand_api_key_env="OPENAI_API_KEY",
-             rope=None):
+             rope=None, image=None, video=None, extend=None, strength=None, loop=False,
+             connect=None, context_frames=None):
     """Samples `num_samples` videos per prompt, writes them tiled to `out`, returns (path, videos).
 
     expand_prompt: None, 'moving_shapes' or an OpenAI-compatible endpoint URL
     (`prompt_expansion.get_prompt_expander`); prompts are expanded before encoding.
     rope: None (the config's), 'extrapolate' or 'interpolate': RoPE positions at sizes larger than
     training's (`Experiment._rope_scale`).
+
+    image, video, extend, strength, loop, connect, context_frames: image and video prompts (see
+    the module docstring and `prompting.Prompter`); with extend or connect, `frames` is the
+    length of the extended video or of the transition, not the sampling size.
 
     guidance, guidance_rescale, guidance_interval: `sampling.Guidance`'s scale, rescale and
     (lo, hi); None takes the workdir's config.sampling. negative_prompts: None, one for every
@@ -70,6 +88,10 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
                                               to_uint8)
     from sora_jax.training.loop import load_config
 
+    from sora_jax import prompting
+
+    mode = prompting.choose_mode(image=image, video=video, extend=extend, strength=strength,
+                                 loop=loop, connect=connect)
     check_writable(out)
     if not prompts or any(not p.strip() for p in prompts):
         raise ValueError("Every --prompt must be non-empty text, e.g. --prompt='a red square slides left'.")
@@ -81,25 +103,83 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
         expander = get_prompt_expander(expand_prompt, model=expand_model,
                                        api_key_env=expand_api_key_env, seed=seed)
         prompts = expand_prompts(prompts, expander)
-    config = at_sample_size(load_config(workdir), frames=frames, height=height, width=width,
-                            rope=rope)
+    config = load_config(workdir)
+    sample_frames = None if mode in ("extend", "connect") else frames
+    if mode == "edit" and frames is None:  # the clip's own length, cut to 1 + ck frames
+        sample_frames = _edit_frames(video, config)
+    config = at_sample_size(config, frames=sample_frames, height=height, width=width, rope=rope)
     exp = Experiment(config)
-    sampler = exp.make_sampler(steps=steps or config.sampling.steps, **guidance_settings(
-        config.sampling, guidance=guidance, guidance_rescale=guidance_rescale,
-        guidance_interval=guidance_interval))
+    settings = guidance_settings(config.sampling, guidance=guidance,
+                                 guidance_rescale=guidance_rescale,
+                                 guidance_interval=guidance_interval)
+    steps = steps or config.sampling.steps
     state, step = restore_for_inference(workdir, exp.abstract_state(), checkpoint_step)
+    params = state.groups["dit"].inference_params
     repeat = lambda texts: [p for p in texts for _ in range(num_samples)]
     text, mask = exp.text_encoder.encode(repeat(prompts))
     negative_text = negative_mask = None
     if negative_prompts is not None:
         negative_text, negative_mask = exp.text_encoder.encode(repeat(negative_prompts))
-    video = sampler(state.groups["dit"].inference_params, text, mask, jax.random.key(seed),
-                    negative_text, negative_mask)
+    rng = jax.random.key(seed)
+    if mode is None:
+        sampler = exp.make_sampler(steps=steps, **settings)
+        video = sampler(params, text, mask, rng, negative_text, negative_mask)
+    else:
+        video = _prompted(mode, prompting.Prompter(exp, params, steps=steps, guidance=settings),
+                          text, mask, rng, (negative_text, negative_mask), image=image,
+                          video=video, extend=extend, strength=strength, connect=connect,
+                          frames=frames, context_frames=context_frames)
     videos = to_uint8(jax.device_get(video))
     path = write_video(out, videos)
     logging.info("Checkpoint step %d: %d videos of %s frames at %sx%s -> %s", step, len(videos),
                  *videos.shape[1:4], path)
     return path, np.asarray(videos)
+
+
+def _edit_frames(path: str, config) -> int:
+    """Frames an edited video is sampled at: its own length, cut to the VAE's 1 + ck."""
+    from sora_jax.prompting import read_video
+
+    c = config.autoencoder.get("temporal_compression") or 1
+    n = len(read_video(path, config.data.height, config.data.width))
+    return 1 + (n - 1) // c * c
+
+
+def _prompted(mode, prompter, text, mask, rng, negative, *, image, video, extend, strength,
+              connect, frames, context_frames):
+    """Runs an image/video prompting mode for the batch of prompts: video [B, T, H, W, 3]."""
+    import jax
+    import numpy as np
+
+    from sora_jax.prompting import read_image, read_video
+
+    batch = text.shape[0]
+    size = (prompter.height, prompter.width)
+    tile = lambda x: np.repeat(np.asarray(x)[None], batch, axis=0)
+    negative = negative if negative[0] is not None else None
+    if mode == "animate":
+        return prompter.animate(tile(read_image(image, *size)), text, mask, rng, negative).video
+    if mode == "extend":
+        if frames is None:
+            raise ValueError("--extend needs --frames: the length of the extended video.")
+        clip = tile(read_video(video, *size))
+        return prompter.extend(clip, text, mask, rng, frames=frames, direction=extend,
+                               context_frames=context_frames, negative=negative).video
+    if mode == "edit":
+        clip = tile(read_video(video, *size))[:, :prompter.frames]
+        return prompter.edit(clip, text, mask, rng, strength=strength, negative=negative).video
+    if mode == "connect":
+        a, b = (tile(read_video(path, *size)) for path in connect)
+        return prompter.connect(a, b, text, mask, rng, frames=frames, negative=negative).video
+    # loop: of the given video, or of a clip made from text (and --image) first
+    if video:
+        clip = tile(read_video(video, *size))
+    elif image:
+        clip = prompter.animate(tile(read_image(image, *size)), text, mask, rng, negative).video
+    else:
+        clip = prompter.sampler(prompter.params, text, mask, rng, *(negative or (None, None)))
+        clip = np.asarray(clip)
+    return prompter.loop(clip, text, mask, jax.random.fold_in(rng, 1), negative=negative).video
 
 
 def define_flags():
@@ -129,6 +209,18 @@ def define_flags():
     flags.DEFINE_enum("rope", None, ["extrapolate", "interpolate"], "Positions at sizes beyond "
                       "training's: continue them (extrapolate) or compress them into the trained "
                       "range (interpolate). Default: config.sampling.rope, else extrapolate.")
+    flags.DEFINE_string("image", None, "Animate this image: it is the first frame.")
+    flags.DEFINE_string("video", None, "A video to --extend, edit (--strength) or --loop.")
+    flags.DEFINE_enum("extend", None, ["forward", "backward"], "Continue --video after its end "
+                      "or before its start, to --frames frames in all.")
+    flags.DEFINE_integer("context_frames", None, "Frames of the clip each extension window is "
+                         "conditioned on (1 + 4k for a 4x temporal VAE; default: half a window).")
+    flags.DEFINE_float("strength", None, "Edit --video under the prompt: noise it to this "
+                       "strength in (0, 1] and denoise (SDEdit); lower keeps more of it.")
+    flags.DEFINE_bool("loop", False, "Close the clip (from text, --image or --video) into a "
+                      "seamless loop.")
+    flags.DEFINE_list("connect", None, "A,B: a transition from the end of clip A to the start of "
+                      "clip B (--frames: its length).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
     flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
@@ -146,7 +238,10 @@ def main(argv):
                        negative_prompts=FLAGS.negative_prompt, seed=FLAGS.seed,
                        num_samples=FLAGS.num_samples, checkpoint_step=FLAGS.checkpoint_step,
                        expand_prompt=FLAGS.expand_prompt, expand_model=FLAGS.expand_model,
-                       expand_api_key_env=FLAGS.expand_api_key_env, rope=FLAGS.rope)
+                       expand_api_key_env=FLAGS.expand_api_key_env, rope=FLAGS.rope,
+                       image=FLAGS.image, video=FLAGS.video, extend=FLAGS.extend,
+                       strength=FLAGS.strength, loop=FLAGS.loop, connect=FLAGS.connect,
+                       context_frames=FLAGS.context_frames)
     print(path)
 
 

@@ -113,6 +113,8 @@ def euler_sample(
     temporal_patch: int = 1,
     given: jax.Array | None = None,
     given_mask: jax.Array | None = None,
+    init: jax.Array | None = None,
+    start: jax.Array | int = 0,
 ) -> jax.Array:
     """Euler integration of the (guided) flow ODE from `noise` to a sample.
 
@@ -129,6 +131,9 @@ def euler_sample(
       temporal_patch: frames per temporal token position (pt).
       given: optional clean frames [B, T, H, W, C] to condition on, with
       given_mask: bool [B, T // pt], True where a frame group is given (kept at t = 0).
+      init, start: SDEdit: begin at step `start` of the grid (an int, traced or not) from `init`
+        [B, T, H, W, C] noised to that step's time, instead of from pure noise at step 0
+        (`strength_start` turns a strength into a step).
     Returns:
       The sample at t = 0, [B, T, H, W, C].
     """
@@ -165,5 +170,16 @@ def euler_sample(
             v = jax.lax.cond((lo <= grid[i]) & (grid[i] <= hi), guided, conditional, x, t)
         return x + (grid[i + 1] - grid[i]) * v
 
-    x = jax.lax.fori_loop(0, steps, step, noise.astype(jnp.float32))
+    x = noise.astype(jnp.float32)
+    if init is not None:
+        x = flow.interpolate(init.astype(jnp.float32), x, jnp.full((batch, groups), grid[start]))
+    x = jax.lax.fori_loop(start, steps, step, x)
     return keep * given + (1.0 - keep) * x
+
+
+def strength_start(steps: int, strength: float) -> int:
+    """The grid step at which SDEdit with `strength` in (0, 1] starts: strength 1 is pure noise
+    (step 0), smaller strengths skip the noisiest steps (at least one step is taken)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}.")
+    return min(steps - 1, steps - round(strength * steps))

@@ -23,6 +23,7 @@ import numpy as np
 from sora_jax.data import batching as batching_lib
 from sora_jax.data import latent_cache as latent_cache_lib
 from sora_jax.data import packing as packing_lib
+from sora_jax.diffusion import masks as masks_lib
 from sora_jax.diffusion.flow import RectifiedFlow
 from sora_jax.diffusion.sampling import Guidance, euler_sample
 from sora_jax.models import patch as patch_lib
@@ -55,6 +56,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Fails early, naming the setting and the fix, for values that are inconsistent together."""
     validate_common(config)
     data, model = config.data, config.model
+    try:
+        masks_lib.check_mask_weights(config.train.get("masks"))
+    except ValueError as e:
+        raise ValueError(f"config.train.masks: {e}") from None
     if model.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={model.dtype!r}; valid: {sorted(DTYPES)}.")
     if model.width % model.num_heads:
@@ -349,7 +354,8 @@ class Experiment(ExperimentBase):
         c = self.config
         kw = dict(tx=self.tx, schedule=self.schedule, ema_decay=c.optim.ema_decay,
                   caption_dropout=c.text.caption_dropout if caption_dropout is None else caption_dropout,
-                  grad_accum_steps=grad_accum_steps or c.optim.grad_accum_steps)
+                  grad_accum_steps=grad_accum_steps or c.optim.grad_accum_steps,
+                  mask_weights=masks_lib.check_mask_weights(c.train.get("masks")))
         if self.batcher is not None:
             step = make_packed_train_step(self.model, self.flow, **kw)
         else:
@@ -502,18 +508,22 @@ class Experiment(ExperimentBase):
 
     def make_sampler(self, *, steps: int, guidance: float, guidance_rescale: float = 0.0,
                      guidance_interval: tuple[float, float] = (0.0, 1.0), latent_shape=None):
-        """Returns sample(params, text, text_mask, rng, negative_text=None, negative_mask=None)
-        -> video float32 [B, T, H, W, 3] in [-1, 1].
+        """Returns sample(params, text, text_mask, rng, negative_text=None, negative_mask=None, *,
+        given=None, given_mask=None, init=None, start=0) -> video float32 [B, T, H, W, 3] in
+        [-1, 1].
 
         Guidance (scale, rescale, interval: `sampling.Guidance`) contrasts each caption with the
         learned null caption, or with its own row of a negative prompt's `negative_text`
-        [B, L, D] and `negative_mask` [B, L] (shaped as text and text_mask) when given. The Euler
-        loop and the decoder are one jit: it compiles once per batch shape (and with negatives).
+        [B, L, D] and `negative_mask` [B, L] (shaped as text and text_mask) when given.
+        Given latent frames (`given` [B, t, h, w, c] with `given_mask` [B, t // pt]) are kept clean
+        while the rest is sampled; `init` latents with a `start` step make SDEdit
+        (`sampling.euler_sample`). The Euler loop and the decoder are one jit: it compiles once
+        per batch shape and set of inputs.
         """
         shape = tuple(latent_shape or self.latent_shape)
         settings = Guidance(guidance, guidance_rescale, guidance_interval)
 
-        def sample(params, autoencoder_params, text, text_mask, rng, negative):
+        def sample(params, autoencoder_params, text, text_mask, rng, negative, given, init, start):
             denoise = lambda x, t, cond: self.model.apply({"params": params}, x, t, *cond)
             own = jnp.zeros((text.shape[0],), bool)  # drop_text: each row sees its own caption
             # The DiT's size conditioning, where it has one: the size being sampled.
@@ -522,15 +532,21 @@ class Experiment(ExperimentBase):
             uncond = (text, text_mask, ~own, *sizes) if negative is None else (*negative, own, *sizes)
             noise = jax.random.normal(rng, (text.shape[0], *shape), jnp.float32)
             latent = euler_sample(self.flow, denoise, noise, cond, uncond, steps=steps,
-                                  guidance=settings, temporal_patch=self.temporal_patch)
+                                  guidance=settings, temporal_patch=self.temporal_patch,
+                                  **(given or {}), init=init, start=start)
             return jnp.clip(autoencoder.decode(autoencoder_params, latent), -1.0, 1.0)
 
-        def run(params, text, text_mask, rng, negative_text=None, negative_mask=None):
+        def run(params, text, text_mask, rng, negative_text=None, negative_mask=None, *,
+                given=None, given_mask=None, init=None, start=0):
             if (negative_text is None) != (negative_mask is None):
                 raise ValueError("Give negative_text and negative_mask together, or neither.")
+            if (given is None) != (given_mask is None):
+                raise ValueError("Give given and given_mask together, or neither.")
             negative = None if negative_text is None else (negative_text, negative_mask)
+            given = None if given is None else dict(given=given, given_mask=given_mask)
             with self.activate():
-                return jitted(params, autoencoder_params, text, text_mask, rng, negative)
+                return jitted(params, autoencoder_params, text, text_mask, rng, negative, given,
+                              init, jnp.int32(start))
 
         autoencoder, autoencoder_params = self.loaded_autoencoder
         jitted = jax.jit(sample)
