@@ -3,6 +3,8 @@ r"""Evaluates a trained workdir and prints one JSON object.
   python -m sora_jax.evaluate --workdir=DIR [--num_prompts N | --num_videos N] [--split S]
       [--rephrase train|synonyms|word_order|long] [--expand_prompt moving_shapes|URL]
       [--frames N --height H --width W]
+  python -m sora_jax.evaluate --workdir=DIR --prompting=animate|extend_forward|extend_backward|loop|
+      connect|edit [--frames N] [--strength S] [--context_frames K]
 
 The task comes from the workdir's saved config. For text-to-video, videos are generated for
 held-out prompts (attribute combinations and phrasings never seen in training) and an analytic
@@ -10,6 +12,8 @@ detector reads colour, shape, motion direction and per-frame coherence from thei
 detector's scores on the real videos of those prompts are reported beside them as its reference.
 For a VAE, held-out clips are encoded and decoded, and the JSON gives reconstruction PSNR and SSIM
 at the VAE's compression; originals above reconstructions go to DIR/eval/*.gif.
+With --prompting, the DiT is prompted with the split's own clips and images and the JSON gives
+given-frame fidelity, continuity at seams and adherence (see eval/prompting_eval.py).
 """
 
 import json
@@ -191,10 +195,18 @@ def evaluate_vae(workdir, config, *, num_videos=None, seed=0, checkpoint_step=No
 EVALUATORS = {"text_to_video": evaluate_text_to_video, "vae": evaluate_vae}
 
 
-def evaluate(workdir: str, **kwargs) -> dict:
+def evaluate(workdir: str, prompting: str | None = None, **kwargs) -> dict:
+    """Evaluates the workdir's task; `prompting` names an image/video prompting task instead
+    (`eval/prompting_eval.py`: animate, extend_forward, extend_backward, loop, connect, edit)."""
     from sora_jax.training.loop import load_config
 
     config = load_config(workdir)
+    if prompting:
+        from sora_jax.eval.prompting_eval import evaluate_prompting
+        if config.task != "text_to_video":
+            raise ValueError(f"--prompting evaluates a text-to-video DiT, not a {config.task!r} "
+                             "workdir.")
+        return evaluate_prompting(workdir, config, task=prompting, **kwargs)
     if config.task not in EVALUATORS:
         raise ValueError(f"No evaluation for task {config.task!r}; known: {sorted(EVALUATORS)}.")
     return EVALUATORS[config.task](workdir, config, **kwargs)
@@ -225,6 +237,14 @@ def define_flags():
     flags.DEFINE_integer("width", None, "Generate at this width (default: training's).")
     flags.DEFINE_string("expand_prompt", None, "Expand every prompt first: 'moving_shapes' "
                         "(offline) or an OpenAI-compatible endpoint URL.")
+    flags.DEFINE_enum("prompting", None, ["animate", "extend_forward", "extend_backward", "loop",
+                                          "connect", "edit"],
+                      "Measure prompting with images and videos instead (given-frame PSNR, seam "
+                      "continuity, adherence; see eval/prompting_eval.py). --frames: the "
+                      "extended length or the transition's.")
+    flags.DEFINE_float("strength", 0.7, "--prompting=edit: the editing strength.")
+    flags.DEFINE_integer("context_frames", None, "--prompting=extend_*: frames each window is "
+                         "conditioned on.")
     flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
     flags.mark_flags_as_required(["workdir"])
 
@@ -235,7 +255,11 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     kwargs = dict(seed=FLAGS.seed, checkpoint_step=FLAGS.checkpoint_step, split=FLAGS.split)
     config_task = load_task(FLAGS.workdir)
-    if config_task == "vae":
+    if FLAGS.prompting:
+        kwargs.update(prompting=FLAGS.prompting, num_prompts=FLAGS.num_prompts, steps=FLAGS.steps,
+                      guidance=FLAGS.guidance, frames=FLAGS.frames, strength=FLAGS.strength,
+                      context_frames=FLAGS.context_frames)
+    elif config_task == "vae":
         kwargs.update(num_videos=FLAGS.num_videos)
     else:
         kwargs.update(num_prompts=FLAGS.num_prompts, steps=FLAGS.steps, guidance=FLAGS.guidance,

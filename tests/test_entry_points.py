@@ -64,6 +64,24 @@ def test_generate_writes_mp4_and_png_grid_from_prompts(workdir, tmp_path):
     assert url in result.stderr and "original prompts" in result.stderr  # expansion failed, kept
 
 
+def test_generate_extends_a_video_and_evaluate_measures_extension(workdir, tmp_path):
+    clip = (iio.imread(os.path.join(workdir, "samples", sorted(os.listdir(
+        os.path.join(workdir, "samples")))[-1]), index=None))  # a training sample, as a prompt
+    source = str(tmp_path / "clip.gif")
+    iio.imwrite(source, clip[:, :16, :16], extension=".gif")  # one video of the sample grid
+    out = str(tmp_path / "longer.gif")
+    run("sora_jax.generate", f"--workdir={workdir}", "--prompt=a red square moving left",
+        f"--video={source}", "--extend=backward", "--frames=11", "--steps=2", f"--out={out}")
+    assert iio.imread(out, index=None).shape[0] == 11
+    result = run("sora_jax.evaluate", f"--workdir={workdir}", "--prompting=extend_forward",
+                 "--num_prompts=2", "--steps=2", "--frames=9")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["task"] == "extend_forward" and report["frames"] == 9
+    assert report["generated_frames"] == 4 and report["seams"] == [5, 7]
+    assert report["given_psnr"] > 40  # pixel space: given frames are kept as they are
+    assert report["seam_ratio"] > 0 and 0 <= report["adherence"]["coherent_frame_rate"] <= 1
+
+
 def test_evaluate_prints_prompt_adherence_json(workdir):
     result = run("sora_jax.evaluate", f"--workdir={workdir}", "--num_prompts=4", "--steps=2",
                  "--rephrase=word_order", "--expand_prompt=moving_shapes")
@@ -84,6 +102,8 @@ def test_evaluate_prints_prompt_adherence_json(workdir):
       "--negative_prompt=z"], "one per --prompt (2), not 3"),
     (["--prompt=a red square", "--guidance_rescale=2"], "rescale must be in [0, 1], got 2.0"),
     (["--prompt=a red square", "--guidance_interval=0.5"], "--guidance_interval must be 'lo,hi'"),
+    (["--prompt=a red square", "--extend=forward", "--frames=12"], "--extend needs the clip"),
+    (["--prompt=a red square", "--image=/nonexistent.png"], "does not exist"),
 ])
 def test_generate_rejects_bad_input_with_a_clear_message(workdir, tmp_path, args, message):
     args = args if any(a.startswith("--out") for a in args) else args + [f"--out={tmp_path}/x.gif"]

@@ -171,3 +171,17 @@ def test_images_are_scaled_to_cover_and_centre_cropped_and_bad_files_named(tmp_p
         prompting.read_image(str(tmp_path / "bad.png"), 16, 16)
     with pytest.raises(ValueError, match="does not exist"):
         prompting.read_video(str(tmp_path / "missing.mp4"), 16, 16)
+
+
+def test_seam_statistics_compare_seams_with_motion_inside_clips():
+    from sora_jax.eval.prompting_eval import frame_differences, psnr, seam_statistics
+
+    video = np.zeros((1, 6, 4, 4, 3), np.uint8)
+    video[0, :, 0, 0] = np.array([0, 10, 20, 80, 90, 100])[:, None]  # a jump into frame 3
+    steps = frame_differences(video[0])
+    np.testing.assert_allclose(steps, np.array([10, 10, 60, 10, 10]) * 3 / 48)
+    stats = seam_statistics(video, [3])
+    assert stats["seam_ratio"] == pytest.approx(6.0)
+    wrap = seam_statistics(video, [6])  # the loop's wrap: last frame back to the first
+    assert wrap["seam_difference"] == pytest.approx(100 * 3 / 48)
+    assert psnr(video, video) > 90 and psnr(np.zeros(4, np.uint8), np.full(4, 255, np.uint8)) == 0
