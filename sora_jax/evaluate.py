@@ -78,7 +78,7 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
         videos.append(to_uint8(jax.device_get(video))[: len(chunk)])
     videos = np.concatenate(videos)
     generated = detector.score(videos, prompts)
-    reference = detector.score(np.stack([p["video"] for p in prompts]), prompts) \
+    reference = detector.score([p["video"] for p in prompts], prompts) \
         if "video" in prompts[0] else None
     out_dir = os.path.join(workdir, "eval")
     name = (f"step_{step:06d}_{split}{'_' + rephrase if rephrase else ''}"

@@ -25,8 +25,8 @@ def vae_config(arg="runlocal", **train):
     return config
 
 
-def dit_config(vae_workdir, **data):
-    config = moving_shapes.get_config("runlocal")
+def dit_config(vae_workdir, config_module=moving_shapes, **data):
+    config = config_module.get_config("runlocal")
     config.data.data_dir = tiny_data_dir()
     config.autoencoder.workdir = vae_workdir
     config.data.update(data)
@@ -172,11 +172,7 @@ def test_a_vae_whose_latents_differ_from_the_dit_config_is_refused(vae_run, cach
 
 
 def mixed_config(vae_workdir, **data):
-    config = moving_shapes_mixed.get_config("runlocal")
-    config.data.data_dir = tiny_data_dir()
-    config.autoencoder.workdir = vae_workdir
-    config.data.update(data)
-    return config
+    return dit_config(vae_workdir, moving_shapes_mixed, **data)
 
 
 def test_a_cache_of_clips_of_many_sizes_serves_the_batcher_what_pixels_would(vae_run, cache_dir,

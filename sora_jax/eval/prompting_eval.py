@@ -5,8 +5,9 @@ For each clip of the split, with its own caption unless said otherwise:
     animate          its first frame is the image
     extend_forward   the clip continued after its end to `frames` frames
     extend_backward  the clip continued before its start to `frames` frames
-    loop             the clip closed into a loop
-    connect          a transition from clip i to clip i + 1, under clip i + 1's caption
+    loop             the clip closed into a loop (a transition of `frames` frames)
+    connect          a transition of `frames` frames from clip i to clip i + 1, under clip i + 1's
+                     caption
     edit             the clip redrawn at `strength` under its caption with another colour
 
 and reports, as JSON:
@@ -104,6 +105,9 @@ def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=No
     num_prompts = num_prompts or config.eval.num_prompts
     prompts = pipeline.eval_prompts(**pipeline.data_kwargs(config.data), split=split,
                                     num=num_prompts + (task == "connect"))
+    if len({p["video"].shape for p in prompts}) > 1:
+        raise ValueError(f"The {split} split holds clips of many sizes; prompting is measured on "
+                         "clips of one size (a dataset such as moving_shapes/f9_s16).")
     clips = np.stack([p["video"] for p in prompts]).astype(np.float32) / 127.5 - 1.0
     frames = frames or 3 * config.data.frames - 2 if task.startswith("extend") else frames
     batch_size = config.eval.batch_size
@@ -127,7 +131,7 @@ def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=No
             out = prompter.extend(video, text, mask, rng, frames=frames,
                                   direction=task.split("_")[1], context_frames=context_frames)
         elif task == "loop":
-            out = prompter.loop(video, text, mask, rng)
+            out = prompter.loop(video, text, mask, rng, frames=frames)
         elif task == "connect":
             out = prompter.connect(video, clips[[i + 1 for i in index]], text, mask, rng,
                                    frames=frames)
