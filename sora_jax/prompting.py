@@ -233,9 +233,9 @@ class Prompter:
             raise ValueError(f"--extend must be 'forward' or 'backward', got {direction!r}.")
         context = context_frames or self.pixel_frames(max(1, (self.window + 1) // 2))
         self._check_clip_length(context, "--context_frames")
-        # forward: prefix of p + 1 latents; backward: suffix of s latents. Each leaves the rest.
-        given = (context - 1) // self.c + (1 if direction == "forward" else 0)
-        if given >= self.window:
+        # forward: a prefix of p + 1 latents, backward: a suffix of p; either way a window makes
+        # c (window - 1 - p) new frames.
+        if context > self.pixel_frames(self.window - 1):
             raise ValueError(f"--context_frames={context} fills the whole window of {self.frames} "
                              f"frames; use at most {self.pixel_frames(self.window - 1)}.")
         if video.shape[1] < context:

@@ -110,6 +110,9 @@ def test_causal_prefix_and_suffix_latents_condition_the_window(latent):
         latent.prefix_latents(video[:, :4])
     with pytest.raises(ValueError, match="fills the whole window"):
         latent.extend(video, text, mask, jax.random.key(0), frames=20, context_frames=9)
+    with pytest.raises(ValueError, match="fills the whole window"):
+        latent.extend(video, text, mask, jax.random.key(0), frames=20, direction="backward",
+                      context_frames=9)
     with pytest.raises(ValueError, match="transitions have 4g - 1 frames"):
         latent.connect(video, video, text, mask, jax.random.key(0), frames=8)
 
