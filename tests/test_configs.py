@@ -10,7 +10,7 @@ import pytest
 
 from sora_jax.training import loop
 from sora_jax.training.experiment import get_experiment
-from tests.helpers import tiny_data_dir, tiny_vae_workdir
+from tests.helpers import one_device, tiny_data_dir, tiny_vae_workdir
 
 CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
                  for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
@@ -46,7 +46,7 @@ def test_runlocal_variant_trains_a_few_real_steps(name, tmp_path):
     config.data.data_dir = tiny_data_dir()
     if config.get("autoencoder") and config.autoencoder.get("workdir"):
         config.autoencoder.workdir = tiny_vae_workdir()
-    state = loop.train(config, str(tmp_path))
+    state = loop.train(config, str(tmp_path), devices=one_device())  # as on a laptop
     assert int(state.step) == config.train.num_steps
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
     assert os.listdir(tmp_path / "samples")

@@ -12,7 +12,7 @@ import pytest
 from sora_jax.training import loop, text_cache
 from sora_jax.training.checkpoint import CheckpointMismatchError, Checkpointer
 from sora_jax.training.experiment import Experiment, at_sample_size, guidance_settings
-from tests.helpers import tiny_config
+from tests.helpers import one_device, tiny_config
 
 
 def random_batch(exp: Experiment, seed: int = 0) -> dict:
@@ -117,10 +117,10 @@ def test_sigterm_saves_and_rerunning_resumes_with_the_same_losses(tmp_path, monk
     with monkeypatch.context() as m:
         # Call 1 encodes the validation batch, call k + 1 the batch of step k.
         SignalAfter(m, calls=4, action="sigterm")
-        state = loop.train(logged_every_step(), workdir)
+        state = loop.train(logged_every_step(), workdir, devices=one_device())
     assert int(state.step) == 3
     assert Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 3
-    loop.train(logged_every_step(), workdir)
+    loop.train(logged_every_step(), workdir, devices=one_device())
     resumed = losses(workdir)
     assert sorted(resumed) == list(range(1, 7))
     np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
@@ -128,7 +128,7 @@ def test_sigterm_saves_and_rerunning_resumes_with_the_same_losses(tmp_path, monk
 
 
 def losses_of_run(workdir):
-    loop.train(logged_every_step(), str(workdir))
+    loop.train(logged_every_step(), str(workdir), devices=one_device())
     return losses(workdir)
 
 
@@ -137,7 +137,7 @@ def test_nan_loss_stops_training_names_the_step_and_keeps_the_last_good_checkpoi
     workdir = str(tmp_path)
     SignalAfter(monkeypatch, calls=6, action="nan")  # the batch of step 5
     with pytest.raises(loop.TrainingDiverged, match="step 5") as error:
-        loop.train(logged_every_step(checkpoint_every=2), workdir)
+        loop.train(logged_every_step(checkpoint_every=2), workdir, devices=one_device())
     assert "last good checkpoint is step 4" in str(error.value)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     assert ckpt.latest_step() == 4
@@ -149,13 +149,13 @@ def test_nan_loss_stops_training_names_the_step_and_keeps_the_last_good_checkpoi
 def test_workdir_with_another_model_shape_is_refused_and_left_untouched(tmp_path):
     workdir = str(tmp_path)
     config = logged_every_step(num_steps=2)
-    loop.train(config, workdir)
+    loop.train(config, workdir, devices=one_device())
     before = {p: os.path.getmtime(os.path.join(dp, p))
               for dp, _, files in os.walk(workdir) for p in files}
     wider = logged_every_step(num_steps=4)
     wider.model.width = 96
     with pytest.raises(CheckpointMismatchError, match="Use a new --workdir"):
-        loop.train(wider, workdir)
+        loop.train(wider, workdir, devices=one_device())
     after = {p: os.path.getmtime(os.path.join(dp, p))
              for dp, _, files in os.walk(workdir) for p in files}
     assert before == after
@@ -165,7 +165,7 @@ def test_config_sizes_that_differ_from_the_dataset_are_refused_before_training(t
     config = tiny_config()
     config.data.frames = 9  # the tiny dataset holds 5-frame clips
     with pytest.raises(ValueError, match=r"holds clips of shape \(5, 16, 16, 3\)"):
-        loop.train(config, str(tmp_path))
+        loop.train(config, str(tmp_path), devices=one_device())
     assert not os.path.exists(tmp_path / "checkpoints" / "0")
 
 
@@ -177,6 +177,8 @@ def test_config_sizes_that_differ_from_the_dataset_are_refused_before_training(t
     (lambda c: c.diffusion.update(prediction="score"), "prediction"),
     (lambda c: c.model.update(dtype="float16"), "config.model.dtype"),
     (lambda c: c.optim.update(grad_accum_steps=3), "grad_accum_steps"),
+    (lambda c: c.train.update(masks=dict(none=1.0, frist_frame=1.0)),
+     "config.train.masks: .*frist_frame"),
     (lambda c: c.sampling.update(guidance_rescale=1.5),
      r"config.sampling: Guidance rescale must be in \[0, 1\], got 1.5"),
     (lambda c: c.sampling.update(guidance_interval=(0.8, 0.2)),

@@ -16,7 +16,7 @@ from sora_jax.evaluate import evaluate
 from sora_jax.training import loop
 from sora_jax.training.experiment import Experiment, text_identity
 from sora_jax.training.vae_experiment import VAEExperiment, load_vae
-from tests.helpers import tiny_data_dir, tiny_vae_config, tiny_vae_workdir
+from tests.helpers import one_device, tiny_data_dir, tiny_vae_config, tiny_vae_workdir
 
 
 def vae_config(arg="runlocal", **train):
@@ -40,7 +40,8 @@ def params_of(state, group="vae"):
 @pytest.fixture(scope="module")
 def vae_run():
     workdir = tiny_vae_workdir()
-    return workdir, loop.train(vae_config(), workdir)  # finished: restores the final state
+    # Finished: restores the final state.
+    return workdir, loop.train(vae_config(), workdir, devices=one_device())
 
 
 def test_vae_trains_in_the_shared_loop_with_metrics_samples_and_latent_stats(vae_run):
@@ -74,9 +75,9 @@ def test_preempted_vae_training_resumes_to_the_same_weights(vae_run, tmp_path, m
 
     with monkeypatch.context() as m:
         m.setattr(VAEExperiment, "make_batch", sigterm_at_step_2)
-        preempted = loop.train(vae_config(), str(tmp_path))
+        preempted = loop.train(vae_config(), str(tmp_path), devices=one_device())
     assert int(preempted.step) == 2
-    resumed = loop.train(vae_config(), str(tmp_path))
+    resumed = loop.train(vae_config(), str(tmp_path), devices=one_device())
     assert int(resumed.step) == 4
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  params_of(resumed), params_of(uninterrupted))
@@ -149,7 +150,7 @@ def test_an_existing_cache_is_kept_and_never_overwritten(vae_run, cache_dir):
 
 def test_dit_trains_on_the_latent_cache_and_samples_through_the_vae(vae_run, cache_dir, tmp_path):
     config = dit_config(vae_run[0], latent_cache=cache_dir)
-    state = loop.train(config, str(tmp_path))
+    state = loop.train(config, str(tmp_path), devices=one_device())
     assert int(state.step) == config.train.num_steps
     assert os.listdir(tmp_path / "samples")
 
@@ -158,7 +159,7 @@ def test_a_vae_whose_latents_differ_from_the_dit_config_is_refused(vae_run, cach
     config = dit_config(vae_run[0])
     config.autoencoder.latent_channels = 8
     with pytest.raises(ValueError, match="latent geometry"):
-        loop.train(config, str(tmp_path / "a"))
+        loop.train(config, str(tmp_path / "a"), devices=one_device())
     config = dit_config(vae_run[0], latent_cache=cache_dir)
     config.data.frames, config.data.builder_config = 9, "f9_s16"
     with pytest.raises(ValueError, match=r"latent cache .* does not match"):
@@ -167,7 +168,7 @@ def test_a_vae_whose_latents_differ_from_the_dit_config_is_refused(vae_run, cach
     config = dit_config(vae_run[0], latent_cache=cache_dir)
     config.text.max_length += 8
     with pytest.raises(ValueError, match=r"does not match this config: text embeddings"):
-        loop.train(config, str(tmp_path / "a"))
+        loop.train(config, str(tmp_path / "a"), devices=one_device())
     assert not os.path.exists(tmp_path / "a" / "checkpoints" / "0")
 
 

@@ -74,19 +74,21 @@ class DecodeRecord(grain.transforms.Map):
         return out
 
 
-def encode_by_size(videos: Sequence[np.ndarray],
-                   encode_video: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
+def encode_by_size(videos: Sequence[np.ndarray], encode_video: Callable[[np.ndarray], np.ndarray],
+                   min_batch: int = 8) -> list[np.ndarray]:
     """Latents of clips of any sizes, in their order: one `encode_video` call per distinct shape.
 
-    Each call's batch is padded (repeating its last clip) to a power of two, so a jitted encoder
-    compiles a few batch sizes per clip shape rather than one per count met.
+    Each call's batch is padded (repeating its last clip) to a power of two of at least
+    `min_batch`, so a jitted encoder compiles one or two batch sizes per clip shape rather than one
+    per count met.
     """
     groups: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)
     for i, video in enumerate(videos):
         groups[np.shape(video)].append(i)
     latents: list[np.ndarray] = [None] * len(videos)  # type: ignore[list-item]
     for indices in groups.values():
-        padded = indices + indices[-1:] * (2 ** math.ceil(math.log2(len(indices))) - len(indices))
+        size = max(min_batch, 2 ** math.ceil(math.log2(len(indices))))
+        padded = indices + indices[-1:] * (size - len(indices))
         encoded = np.asarray(encode_video(np.stack([videos[i] for i in padded])), np.float32)
         for i, latent in zip(indices, encoded):
             latents[i] = latent

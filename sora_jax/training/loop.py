@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -85,13 +86,15 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int = 0):
+def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int = 0,
+          devices: Any = None):
     """Trains (or resumes training of) the experiment `config` in `workdir`. Returns the state.
 
     The task's experiment (`get_experiment`: the DiT or the VAE) supplies the model, the step and
-    the hooks; everything else here is shared.
+    the hooks; everything else here is shared. `devices` (default: all) are what config.mesh
+    spans.
     """
-    exp = get_experiment(config)
+    exp = get_experiment(config, devices)
     c = config
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.train.max_to_keep)
     abstract = exp.abstract_state()
