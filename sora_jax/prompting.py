@@ -135,6 +135,7 @@ class Prompter:
 
     def __init__(self, exp, params, *, steps: int, guidance: dict[str, Any]):
         self.exp, self.params, self.steps, self._guidance = exp, params, steps, guidance
+        self._samplers = {}  # windows of other lengths (connect's transitions)
         self.sampler = exp.make_sampler(steps=steps, **guidance)
         self.c = getattr(exp.autoencoder, "temporal_compression", 1)
         self.window = exp.latent_shape[0]  # latent frames per window
@@ -203,12 +204,11 @@ class Prompter:
         """A sampler for windows of another length (connect's transitions), made once per length."""
         from sora_jax.training.experiment import Experiment, at_sample_size
 
-        cache = self.__dict__.setdefault("_samplers", {})
-        if latents not in cache:
+        if latents not in self._samplers:
             config = at_sample_size(self.exp.config, frames=self.pixel_frames(latents))
             exp = Experiment(config, self.exp.devices)
-            cache[latents] = exp.make_sampler(steps=self.steps, **self._guidance)
-        return cache[latents]
+            self._samplers[latents] = exp.make_sampler(steps=self.steps, **self._guidance)
+        return self._samplers[latents]
 
     # Modes ---------------------------------------------------------------------------------------
 

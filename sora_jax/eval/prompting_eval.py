@@ -27,6 +27,7 @@ and reports, as JSON:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -166,7 +167,6 @@ def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=No
     out_dir = os.path.join(workdir, "eval")
     name = f"step_{step:06d}_{split}_{task}_g{settings['guidance']:g}_s{steps}"
     write_video(os.path.join(out_dir, name + ".gif"), videos[:16])
-    import json
     with open(os.path.join(out_dir, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
