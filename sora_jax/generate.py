@@ -105,8 +105,12 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
         prompts = expand_prompts(prompts, expander)
     config = load_config(workdir)
     sample_frames = None if mode in ("extend", "connect") else frames
-    if mode == "edit" and frames is None:  # the clip's own length, cut to 1 + ck frames
-        sample_frames = _edit_frames(video, config)
+    edit_clip = None
+    if mode == "edit":  # read once; sampled at its own length, cut to 1 + ck frames, by default
+        edit_clip = prompting.read_video(video, height or config.data.height,
+                                         width or config.data.width)
+        c = config.autoencoder.get("temporal_compression") or 1
+        sample_frames = frames or 1 + (len(edit_clip) - 1) // c * c
     config = at_sample_size(config, frames=sample_frames, height=height, width=width, rope=rope)
     exp = Experiment(config)
     settings = guidance_settings(config.sampling, guidance=guidance,
@@ -128,7 +132,7 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
         video = _prompted(mode, prompting.Prompter(exp, params, steps=steps, guidance=settings),
                           text, mask, rng, (negative_text, negative_mask), image=image,
                           video=video, extend=extend, strength=strength, connect=connect,
-                          frames=frames, context_frames=context_frames)
+                          frames=frames, context_frames=context_frames, edit_clip=edit_clip)
     videos = to_uint8(jax.device_get(video))
     path = write_video(out, videos)
     logging.info("Checkpoint step %d: %d videos of %s frames at %sx%s -> %s", step, len(videos),
@@ -136,17 +140,8 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
     return path, np.asarray(videos)
 
 
-def _edit_frames(path: str, config) -> int:
-    """Frames an edited video is sampled at: its own length, cut to the VAE's 1 + ck."""
-    from sora_jax.prompting import read_video
-
-    c = config.autoencoder.get("temporal_compression") or 1
-    n = len(read_video(path, config.data.height, config.data.width))
-    return 1 + (n - 1) // c * c
-
-
 def _prompted(mode, prompter, text, mask, rng, negative, *, image, video, extend, strength,
-              connect, frames, context_frames):
+              connect, frames, context_frames, edit_clip):
     """Runs an image/video prompting mode for the batch of prompts: video [B, T, H, W, 3]."""
     import jax
     import numpy as np
@@ -166,7 +161,7 @@ def _prompted(mode, prompter, text, mask, rng, negative, *, image, video, extend
         return prompter.extend(clip, text, mask, rng, frames=frames, direction=extend,
                                context_frames=context_frames, negative=negative).video
     if mode == "edit":
-        clip = tile(read_video(video, *size))[:, :prompter.frames]
+        clip = tile(edit_clip)[:, :prompter.frames]
         return prompter.edit(clip, text, mask, rng, strength=strength, negative=negative).video
     if mode == "connect":
         a, b = (tile(read_video(path, *size)) for path in connect)

@@ -110,7 +110,8 @@ def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=No
         raise ValueError(f"The {split} split holds clips of many sizes; prompting is measured on "
                          "clips of one size (a dataset such as moving_shapes/f9_s16).")
     clips = np.stack([p["video"] for p in prompts]).astype(np.float32) / 127.5 - 1.0
-    frames = frames or 3 * config.data.frames - 2 if task.startswith("extend") else frames
+    if task.startswith("extend") and frames is None:
+        frames = 3 * config.data.frames - 2  # three clips' worth, sharing their seam frames
     batch_size = config.eval.batch_size
     outputs, given_pairs, generated_masks, seams, attributes = [], [], None, None, []
     for start in tqdm.tqdm(range(0, num_prompts, batch_size), desc=task, unit="batch"):
