@@ -2,7 +2,7 @@ r"""Measures the causal video VAE's speed and memory against video length and re
 one JSON object.
 
   python benchmarks/vae.py [--config=configs/vae_moving_shapes.py] [--shapes=9x16x16,33x16x16]
-      [--batch=1] [--chunk_latent_frames=2] [--repeats=3] [--config.vae.x=y]
+      [--batch=1] [--chunk_latent_frames=2] [--repeats=3] [--shard=frames|height] [--config.vae.x=y]
 
 For each video shape (frames x height x width) it reports the median time, after compilation, of
 whole-clip `encode` and `decode` and of `decode_chunked(..., to_host=True)`, as pixel frames per
@@ -19,6 +19,12 @@ and whose outputs include the next one; a clip compiles at most three distinct s
 chunk, full later chunks, a shorter last chunk). Its peak is the largest step plus what stays on
 the device between steps: the latent and its de-normalised copy, and the previous decoded chunk
 until the next one replaces it (`chunked_decode_memory`). Decoded chunks go to host memory.
+
+With --shard, it also reports the per-device memory of `sharded_encode` / `sharded_decode`
+(parallel/vae_sharding.py) with the clip's frames or rows split over all devices (a `sequence` mesh
+axis), compiled only. On a CPU, emulate devices:
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python benchmarks/vae.py --shard=frames \
+      --shapes=33x32x32
 """
 
 import json
@@ -36,6 +42,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sora_jax.models import vae as vae_lib  # noqa: E402
+from sora_jax.parallel import mesh as mesh_lib, vae_sharding  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -84,6 +91,17 @@ def chunked_decode_memory(vae: vae_lib.CausalVAE, params, latent_shape,
             "peak_bytes": max(step_bytes) + resident}
 
 
+def sharded_programs(vae: vae_lib.CausalVAE, params, video_shape, mesh, over: str) -> dict:
+    """The compiled `sharded_encode` of a float32 video [B, T, H, W, 3] and `sharded_decode` of its
+    latent, split `over` frames or height on the mesh's `sequence` axis. Nothing runs."""
+    video = jax.ShapeDtypeStruct(tuple(video_shape), jnp.float32)
+    latent = jax.ShapeDtypeStruct((video_shape[0],) + vae.latent_shape(*video_shape[1:4]),
+                                  jnp.float32)
+    encode = vae_sharding.sharded_encode.lower(vae, params, video, mesh, over=over)
+    decode = vae_sharding.sharded_decode.lower(vae, params, latent, mesh, over=over)
+    return {"encode": encode.compile(), "decode": decode.compile()}
+
+
 def _median_seconds(fn, repeats: int) -> float:
     """Median wall time of fn() over `repeats` calls, after one untimed call."""
     jax.block_until_ready(fn())
@@ -101,8 +119,8 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def measure(vae: vae_lib.CausalVAE, params, frames: int, height: int, width: int, *, batch: int,
-            chunk_latent_frames: int, repeats: int) -> dict:
-    """Speed and memory of one video shape."""
+            chunk_latent_frames: int, repeats: int, shard: str | None = None) -> dict:
+    """Speed and memory of one video shape; with `shard`, also the sharded memory (all devices)."""
     video = jax.random.uniform(jax.random.key(1), (batch, frames, height, width, 3), minval=-1,
                                maxval=1)
     latent_shape = (batch,) + vae.latent_shape(frames, height, width)
@@ -116,6 +134,19 @@ def measure(vae: vae_lib.CausalVAE, params, frames: int, height: int, width: int
         params, latent, chunk_latent_frames=chunk_latent_frames, to_host=True), repeats)
     decode_bytes = memory_bytes(decode)
     chunked = chunked_decode_memory(vae, params, latent_shape, chunk_latent_frames)
+    sharded = {}
+    if shard:
+        mesh = mesh_lib.make_mesh(dict(sequence=-1))
+        programs = sharded_programs(vae, params, video.shape, mesh, shard)
+        whole = {"encode": encode, "decode": decode}
+        temp = lambda compiled: compiled.memory_analysis().temp_size_in_bytes
+        for name, compiled in programs.items():
+            sharded[f"sharded_{name}_memory_bytes"] = memory_bytes(compiled)
+            sharded[f"sharded_over_whole_{name}_memory"] = round(
+                memory_bytes(compiled) / memory_bytes(whole[name]), 3)
+            # XLA's temporaries alone: the activations, which the split divides.
+            sharded[f"sharded_over_whole_{name}_temp"] = round(
+                temp(compiled) / temp(whole[name]), 3)
     return {
         "frames": frames, "height": height, "width": width,
         "latent_shape": list(latent_shape),
@@ -131,6 +162,7 @@ def measure(vae: vae_lib.CausalVAE, params, frames: int, height: int, width: int
         "chunked_decode_resident_bytes": chunked["resident_bytes"],
         "chunked_decode_memory_bytes": chunked["peak_bytes"],
         "chunked_over_whole_decode_memory": round(chunked["peak_bytes"] / decode_bytes, 3),
+        **sharded,
     }
 
 
@@ -143,6 +175,9 @@ def define_flags():
     flags.DEFINE_integer("batch", 1, "Videos per call.")
     flags.DEFINE_integer("chunk_latent_frames", 2, "Latent frames per chunk of chunked decoding.")
     flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (after one warm-up call).")
+    flags.DEFINE_enum("shard", None, list(vae_sharding.OVER),
+                      "Also report the per-device memory of sharded encoding and decoding, the "
+                      "clip split over all devices along this axis.")
 
 
 def main(argv):
@@ -153,7 +188,8 @@ def main(argv):
     params = {"net": vae.init_net(jax.random.key(0)),
               "shift": jnp.zeros((c,), jnp.float32), "scale": jnp.ones((c,), jnp.float32)}
     results = [measure(vae, params, *_parse_shape(s), batch=FLAGS.batch,
-                       chunk_latent_frames=FLAGS.chunk_latent_frames, repeats=FLAGS.repeats)
+                       chunk_latent_frames=FLAGS.chunk_latent_frames, repeats=FLAGS.repeats,
+                       shard=FLAGS.shard)
                for s in FLAGS.shapes]
     print(json.dumps({
         "benchmark": "vae",
@@ -167,11 +203,15 @@ def main(argv):
         "batch": FLAGS.batch,
         "chunk_latent_frames": FLAGS.chunk_latent_frames,
         "repeats": FLAGS.repeats,
+        "shard": FLAGS.shard,
+        "devices": jax.device_count(),
         "time": "median seconds per call after compilation and one warm-up call; frames_per_s "
                 "counts pixel frames (batch x frames / time)",
         "memory": "bytes from XLA's compiled memory analysis: argument + output + temp - alias "
                   "of each compiled program (arguments include params_bytes); chunked = largest "
-                  "chunk step + resident (latent, its de-normalised copy, previous decoded chunk)",
+                  "chunk step + resident (latent, its de-normalised copy, previous decoded chunk); "
+                  "sharded = per device, the clip split over all devices (temp: XLA's "
+                  "temporaries only)",
         "results": results,
     }, default=str))
 

@@ -84,6 +84,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype="bfloat16",
         matmul="bf16",
         attention_backend="cpu",
+        # With config.mesh.sequence > 1: 'ulysses' or 'ring' attention over the split tokens
+        # (sora_jax/parallel/context.py); 'none' leaves attention to the compiler.
+        context_parallel="none",
         scan_layers=False,
         remat_policy="none",
     )
@@ -93,8 +96,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diffusion = dict(prediction="clean", timestep_sampling="logit_normal", logit_mean=0.0,
                             logit_std=1.0, shift=1.0)
     # Guidance rescale and interval (sora_jax/diffusion/sampling.py `Guidance`) are off by default.
+    # Pixel guidance steers image and video prompts toward their given pixels (`pixel_guidance`);
+    # it makes seams across suffixes seamless (experiments/moving_shapes.md) but compiles the
+    # decoder's gradient into the sampler, so the few-step runlocal check leaves it off.
     config.sampling = dict(steps=8 if runlocal else 30, guidance=3.0, guidance_rescale=0.0,
-                           guidance_interval=(0.0, 1.0))
+                           guidance_interval=(0.0, 1.0), pixel_guidance=0.0 if runlocal else 100.0)
 
     config.optim = dict(
         learning_rate=1e-3,

@@ -245,6 +245,8 @@ def define_flags():
     flags.DEFINE_float("strength", 0.7, "--prompting=edit: the editing strength.")
     flags.DEFINE_integer("context_frames", None, "--prompting=extend_*: frames each window is "
                          "conditioned on.")
+    flags.DEFINE_float("pixel_guidance", None, "--prompting: step size of pixel guidance toward "
+                       "the given frames (0 = off; default: config.sampling).")
     flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
     flags.mark_flags_as_required(["workdir"])
 
@@ -258,7 +260,7 @@ def main(argv):
     if FLAGS.prompting:
         kwargs.update(prompting=FLAGS.prompting, num_prompts=FLAGS.num_prompts, steps=FLAGS.steps,
                       guidance=FLAGS.guidance, frames=FLAGS.frames, strength=FLAGS.strength,
-                      context_frames=FLAGS.context_frames)
+                      context_frames=FLAGS.context_frames, pixel_guidance=FLAGS.pixel_guidance)
     elif config_task == "vae":
         kwargs.update(num_videos=FLAGS.num_videos)
     else:

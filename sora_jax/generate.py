@@ -63,7 +63,7 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
              negative_prompts=None, seed=0, num_samples=1, checkpoint_step=None,
              expand_prompt=None, expand_model="gpt-4o-mini", expand_api_key_env="OPENAI_API_KEY",
              rope=None, image=None, video=None, extend=None, strength=None, loop=False,
-             connect=None, context_frames=None):
+             connect=None, context_frames=None, pixel_guidance=None):
     """Samples `num_samples` videos per prompt, writes them tiled to `out`, returns (path, videos).
 
     expand_prompt: None, 'moving_shapes' or an OpenAI-compatible endpoint URL
@@ -73,7 +73,9 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
 
     image, video, extend, strength, loop, connect, context_frames: image and video prompts (see
     the module docstring and `prompting.Prompter`); with extend or connect, `frames` is the
-    length of the extended video or of the transition, not the sampling size.
+    length of the extended video or of the transition, not the sampling size. pixel_guidance:
+    the step size pulling them toward their given pixels (`sampling.pixel_guidance`; 0 is off,
+    None the config's).
 
     guidance, guidance_rescale, guidance_interval: `sampling.Guidance`'s scale, rescale and
     (lo, hi); None takes the workdir's config.sampling. negative_prompts: None, one for every
@@ -115,7 +117,8 @@ def generate(workdir: str, prompts: list[str], out: str, *, frames=None, height=
     exp = Experiment(config)
     settings = guidance_settings(config.sampling, guidance=guidance,
                                  guidance_rescale=guidance_rescale,
-                                 guidance_interval=guidance_interval)
+                                 guidance_interval=guidance_interval,
+                                 pixel_guidance=pixel_guidance)
     steps = steps or config.sampling.steps
     state, step = restore_for_inference(workdir, exp.abstract_state(), checkpoint_step)
     params = state.groups["dit"].inference_params
@@ -216,6 +219,9 @@ def define_flags():
                       "seamless loop.")
     flags.DEFINE_list("connect", None, "A,B: a transition from the end of clip A to the start of "
                       "clip B (--frames: its length).")
+    flags.DEFINE_float("pixel_guidance", None, "Image and video prompts: step size pulling the "
+                       "decoded video toward the given frames each step (0 = off; default: "
+                       "config.sampling.pixel_guidance).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
     flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
@@ -236,7 +242,7 @@ def main(argv):
                        expand_api_key_env=FLAGS.expand_api_key_env, rope=FLAGS.rope,
                        image=FLAGS.image, video=FLAGS.video, extend=FLAGS.extend,
                        strength=FLAGS.strength, loop=FLAGS.loop, connect=FLAGS.connect,
-                       context_frames=FLAGS.context_frames)
+                       context_frames=FLAGS.context_frames, pixel_guidance=FLAGS.pixel_guidance)
     print(path)
 
 

@@ -24,6 +24,16 @@ frame from c frames with the past as context, and training clips always start wi
             window's frame before them stands in for frame 0, which the output keeps as given.
     edit    the whole clip encoded.
 
+Given latents fix what the DiT sees, not how the generated frames decode next to given pixels: a
+causal VAE encodes a clip's later latents relative to its earlier frames, so a suffix encoded on its
+own (after its lone first frame) decodes to its pixels only if the generated latents before it lead
+into them, and the DiT sees no pixels. Pixel guidance (config.sampling.pixel_guidance, the
+`--pixel_guidance` flag; Ho et al. 2022's reconstruction guidance) closes that gap: at every step
+the decoded estimate of the clean window is pulled toward the given pixels where they fall in it,
+the suffix's first frame included (`sampling.pixel_guidance`). It is what makes backward
+extension, loops and connections seamless (experiments/moving_shapes.md); it costs a decoder
+backward pass per step.
+
 Given frames are returned as they were read (the decoded window's reconstruction of them is kept
 apart for measuring fidelity), so an output is exactly its given frames plus generated ones.
 
@@ -135,6 +145,7 @@ class Prompter:
 
     def __init__(self, exp, params, *, steps: int, guidance: dict[str, Any]):
         self.exp, self.params, self.steps, self._guidance = exp, params, steps, guidance
+        self.pixel_guidance = guidance.get("pixel_guidance", 0.0)
         self._samplers = {}  # windows of other lengths (connect's transitions)
         self.sampler = exp.make_sampler(steps=steps, **guidance)
         self.c = getattr(exp.autoencoder, "temporal_compression", 1)
@@ -172,13 +183,18 @@ class Prompter:
     def sample_window(self, text, mask, rng, *, prefix=None, suffix=None, negative=None,
                       window: int | None = None) -> np.ndarray:
         """Decoded window [B, 1 + c (n - 1), H, W, 3] of n = `window` latent frames (default the
-        sampling size's), beginning with `prefix` latents and ending with `suffix` ones."""
+        sampling size's), beginning with `prefix` frames [B, 1 + c p, H, W, 3] (p + 1 latents) and
+        ending with `suffix` frames [B, 1 + c s, H, W, 3] (s latents), as the module docstring
+        lays them out. With `pixel_guidance`, sampling is also pulled toward these pixels where they
+        fall in the decoded window."""
         import jax
 
         n = window or self.window
         sampler = self.sampler if n == self.window else self._sampler_for(n)
-        p = 0 if prefix is None else prefix.shape[1]
-        s = 0 if suffix is None else suffix.shape[1]
+        prefix_latents = None if prefix is None else self.prefix_latents(prefix)
+        suffix_latents = None if suffix is None else self.suffix_latents(suffix)
+        p = 0 if prefix is None else prefix_latents.shape[1]
+        s = 0 if suffix is None else suffix_latents.shape[1]
         if p + s >= n:
             raise ValueError(f"{p} + {s} given latent frames leave nothing to generate in a window "
                              f"of {n}; give shorter context or more --frames.")
@@ -186,18 +202,29 @@ class Prompter:
         latent = (b, n, *self.exp.latent_shape[1:])
         given = np.zeros(latent, np.float32)
         is_given = np.zeros((b, n), bool)
+        frames = self.pixel_frames(n)
+        pixels = np.zeros((b, frames, self.height, self.width, 3), np.float32)
+        pixel_weight = np.zeros((b, frames), np.float32)
         if p:
-            given[:, :p], is_given[:, :p] = prefix, True
+            given[:, :p], is_given[:, :p] = prefix_latents, True
+            pixels[:, :prefix.shape[1]], pixel_weight[:, :prefix.shape[1]] = prefix, 1.0
         if s:
-            given[:, n - s:], is_given[:, n - s:] = suffix, True
+            given[:, n - s:], is_given[:, n - s:] = suffix_latents, True
+            # The suffix's first frame falls on the last frame of the latent before the given ones.
+            pixels[:, frames - suffix.shape[1]:] = suffix
+            pixel_weight[:, frames - suffix.shape[1]:] = 1.0
         pt = self.exp.temporal_patch
         if n % pt:
             raise ValueError(f"A window of {n} latent frames does not split into temporal patches "
                              f"of {pt}.")
         given_mask = is_given.reshape(b, n // pt, pt).all(-1)  # a partly given patch is generated
         negative = negative or (None, None)
-        video = sampler(self.params, text, mask, rng, *negative,
-                        given=given if p + s else None, given_mask=given_mask if p + s else None)
+        conditioned = {}
+        if p + s:
+            conditioned = dict(given=given, given_mask=given_mask)
+            if self.pixel_guidance > 0:
+                conditioned.update(pixels=pixels, pixel_weight=pixel_weight)
+        video = sampler(self.params, text, mask, rng, *negative, **conditioned)
         return np.asarray(jax.device_get(video))
 
     def _sampler_for(self, latents: int):
@@ -215,7 +242,7 @@ class Prompter:
     def animate(self, image: np.ndarray, text, mask, rng, negative=None) -> Prompted:
         """A clip of the sampling size whose first frame is `image` [B, H, W, 3]."""
         first = image[:, None]
-        window = self.sample_window(text, mask, rng, prefix=self.prefix_latents(first),
+        window = self.sample_window(text, mask, rng, prefix=first,
                                     negative=negative)
         video = np.concatenate([first, window[:, 1:]], axis=1)
         generated = np.arange(video.shape[1]) > 0
@@ -251,7 +278,7 @@ class Prompter:
             key = jax.random.fold_in(rng, window)
             if direction == "forward":
                 tail = out[:, -context:]
-                decoded = self.sample_window(text, mask, key, prefix=self.prefix_latents(tail),
+                decoded = self.sample_window(text, mask, key, prefix=tail,
                                              negative=negative)
                 new = decoded[:, context:]
                 pairs.append((tail, decoded[:, :context]))
@@ -260,7 +287,7 @@ class Prompter:
                 generated = np.concatenate([generated, np.ones(new.shape[1], bool)])
             else:
                 head = out[:, :context]
-                decoded = self.sample_window(text, mask, key, suffix=self.suffix_latents(head),
+                decoded = self.sample_window(text, mask, key, suffix=head,
                                              negative=negative)
                 new = decoded[:, :decoded.shape[1] - context]  # the last one stands for head[0]
                 pairs.append((head[:, 1:], decoded[:, decoded.shape[1] - context + 1:]))
@@ -291,8 +318,8 @@ class Prompter:
             raise ValueError(f"A transition of {frames} frames: transitions have {self.c}g - 1 "
                              f"frames for g generated latent frames ({valid}, ...).")
         head = b[:, :1 + self.c]
-        decoded = self.sample_window(text, mask, rng, prefix=self.prefix_latents(a[:, -1:]),
-                                     suffix=self.suffix_latents(head), negative=negative,
+        decoded = self.sample_window(text, mask, rng, prefix=a[:, -1:],
+                                     suffix=head, negative=negative,
                                      window=g + 2)
         transition = decoded[:, 1:self.c * g]
         video = np.concatenate([a, transition, b], axis=1)

@@ -25,15 +25,22 @@ def test_there_are_configs():
     assert {"moving_shapes", "moving_shapes_pod", "vae_moving_shapes"} <= set(CONFIGS)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_full_size_config_inits_and_steps_abstractly_on_its_mesh(name):
-    exp = get_experiment(get_config(name))  # 8 emulated devices
+def abstract_train_step(config):
+    """(experiment, state, new state, metrics) of `config` on the 8 emulated devices: `jax.eval_shape`
+    of init and of one train step under the mesh's shardings, with no array allocated."""
+    exp = get_experiment(config)
     state = exp.abstract_state()
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s) for (k, v), s in
              zip(exp.batch_shapes().items(), exp.batch_shardings(exp.batch_shapes()).values())}
     step = exp.jit_train_step(donate=False)
     with exp.activate():
         new_state, metrics = jax.eval_shape(step, state, batch, jax.random.key(0))
+    return exp, state, new_state, metrics
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_full_size_config_inits_and_steps_abstractly_on_its_mesh(name):
+    _, state, new_state, metrics = abstract_train_step(get_config(name))
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert metrics["loss"].shape == ()
     params = sum(x.size for g in state.groups.values() for x in jax.tree.leaves(g.params))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from sora_jax.diffusion.flow import RectifiedFlow, expand_time, resolution_shift, shift_time
-from sora_jax.diffusion.sampling import Guidance, euler_sample, guide, guided_velocity, time_grid
+from sora_jax.diffusion.sampling import (Guidance, euler_sample, guide, guided_velocity, pixel_guidance,
+                                         time_grid)
 
 SHAPE = (2, 3, 4, 4, 3)
 
@@ -70,6 +71,26 @@ def test_given_frames_are_excluded_from_the_loss_and_kept_by_the_sampler():
     np.testing.assert_allclose(out[:, 0], 0.7)
     # Euler on dx/dt = t over the grid 1, 2/3, 1/3, 0: -(1/3) * (1 + 2/3 + 1/3) = -2/3.
     np.testing.assert_allclose(out[:, 1:], noise[:, 1:] - 2 / 3, atol=1e-6)
+
+
+def test_pixel_guidance_pulls_the_decoded_sample_toward_given_pixels_where_weighted():
+    flow = RectifiedFlow(prediction="velocity")
+    noise = jax.random.normal(jax.random.key(2), SHAPE)
+    pixels = jax.random.uniform(jax.random.key(3), SHAPE, minval=-1, maxval=1)
+    weight = jnp.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    decode = lambda z: 2.0 * z  # a linear stand-in for the VAE decoder
+    model = exact_denoiser(flow, jnp.zeros(SHAPE))  # knows only the point mass at 0
+    # Each step moves x0 by scale * weight * 2 (2 x0 - pixels) * 2 / N (N values per frame); at
+    # scale N / 4 that lands exactly on decode^-1(pixels), so the sampler integrates toward it.
+    full = pixel_guidance(decode, pixels, weight, scale=np.prod(SHAPE[2:]) / 4)
+    out = euler_sample(flow, model, noise, steps=5, correct=full)
+    np.testing.assert_allclose(out[0, 2], pixels[0, 2] / 2, atol=1e-5)
+    np.testing.assert_allclose(out[1, 0], pixels[1, 0] / 2, atol=1e-5)
+    np.testing.assert_allclose(out[0, :2], 0.0, atol=1e-5)  # unweighted frames: the model's
+    np.testing.assert_allclose(out[1, 1:], 0.0, atol=1e-5)
+    weak = euler_sample(flow, model, noise, steps=5, correct=pixel_guidance(decode, pixels, weight, 1.0))
+    error = lambda x: float(jnp.abs(2 * x[0, 2] - pixels[0, 2]).mean())
+    assert error(out) < error(weak) < error(euler_sample(flow, model, noise, steps=5))
 
 
 def test_logit_normal_times_lie_in_unit_interval_and_shift_moves_them_to_noise():

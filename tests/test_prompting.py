@@ -42,6 +42,13 @@ def latent():
     return prompting.Prompter(exp, params, steps=2, guidance=GUIDANCE)
 
 
+def perturbed(params, scale=0.05):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(9), len(leaves))
+    return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape, p.dtype)
+                                     for p, k in zip(leaves, keys)])
+
+
 def clip(frames, batch=2, seed=0):
     return np.random.default_rng(seed).uniform(-1, 1, (batch, frames, 16, 16, 3)).astype(np.float32)
 
@@ -103,7 +110,7 @@ def test_causal_prefix_and_suffix_latents_condition_the_window(latent):
     np.testing.assert_allclose(suffix, vae.encode(params, video[:, :5])[:, 1:], atol=1e-5)
     # The decoder is causal: a window's first frames are the decoding of its given prefix.
     prefix = latent.prefix_latents(video[:, -5:])
-    window = latent.sample_window(text, mask, jax.random.key(0), prefix=prefix)
+    window = latent.sample_window(text, mask, jax.random.key(0), prefix=video[:, -5:])
     assert window.shape == (2, 9, 16, 16, 3)
     np.testing.assert_allclose(window[:, :5], np.clip(vae.decode(params, prefix), -1, 1), atol=1e-4)
     with pytest.raises(ValueError, match=r"1 \+ 4k frames"):
@@ -117,12 +124,43 @@ def test_causal_prefix_and_suffix_latents_condition_the_window(latent):
         latent.connect(video, video, text, mask, jax.random.key(0), frames=8)
 
 
+def test_pixel_guidance_targets_the_given_frames_where_they_fall_in_the_window(latent):
+    text, mask = text_for(latent.exp, 2)
+    first, head = clip(1, seed=2), clip(5, seed=3)
+    calls = []
+    record = lambda *args, **kwargs: calls.append(kwargs) or np.zeros((2, 13, 16, 16, 3))
+    guided = prompting.Prompter(latent.exp, latent.params, steps=2,
+                                guidance=dict(GUIDANCE, pixel_guidance=50.0))
+    guided._samplers[4] = record  # a 4-latent window: prefix, 2 generated, suffix
+    guided.sample_window(text, mask, jax.random.key(0), prefix=first, suffix=head, window=4)
+    pixels, weight = calls[0]["pixels"], calls[0]["pixel_weight"]
+    assert pixels.shape == (2, 13, 16, 16, 3)
+    # The image is frame 0; the suffix's first frame is the last frame of the latent before it.
+    assert weight.tolist() == [[1] + [0] * 7 + [1] * 5] * 2
+    np.testing.assert_array_equal(pixels[:, 0], first[:, 0])
+    np.testing.assert_array_equal(pixels[:, 8:], head)
+    plain = prompting.Prompter(latent.exp, latent.params, steps=2, guidance=GUIDANCE)
+    plain._samplers[4] = record
+    plain.sample_window(text, mask, jax.random.key(0), prefix=first, suffix=head, window=4)
+    assert "pixels" not in calls[1] and "given" in calls[1]  # off: no decoder gradient compiled
+    with pytest.raises(ValueError, match="pixel_guidance must be >= 0"):
+        prompting.Prompter(latent.exp, latent.params, steps=2,
+                           guidance=dict(GUIDANCE, pixel_guidance=-1.0))
+
+
+def test_pixel_guided_sampling_runs_through_the_decoder_and_moves_the_sample(latent):
+    text, mask = text_for(latent.exp, 2)
+    params, head = perturbed(latent.params), clip(5, seed=3)
+    window = lambda strength: prompting.Prompter(
+        latent.exp, params, steps=2, guidance=dict(GUIDANCE, pixel_guidance=strength)
+    ).sample_window(text, mask, jax.random.key(0), suffix=head)
+    guided, plain = window(1e3), window(0.0)
+    assert np.isfinite(guided).all() and np.abs(guided - plain).mean() > 1e-3
+
+
 def test_editing_at_full_strength_is_sampling_from_the_same_noise(pixel):
     # Perturbed weights: at initialisation the DiT's output layer is zero and every sample equal.
-    leaves, tree = jax.tree.flatten(pixel.params)
-    keys = jax.random.split(jax.random.key(9), len(leaves))
-    noisy = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype)
-                                      for p, k in zip(leaves, keys)])
+    noisy = perturbed(pixel.params)
     prompter = prompting.Prompter(pixel.exp, noisy, steps=2, guidance=GUIDANCE)
     text, mask = text_for(pixel.exp, 2)
     video, other = clip(5), clip(5, seed=7)

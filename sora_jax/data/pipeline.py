@@ -6,12 +6,15 @@
                                  #  'caption': str [32], 'colour': int32 [32], ...}
 
 Any tfds builder whose examples have a uint8 'video' [T, H, W, 3] and a Text 'caption' works; its
-ClassLabel features become int32 labels in the batch. Each host reads a disjoint 1/process_count
-of the records, so batch sizes here are per host. The loader's iterator has `get_state()` /
-`set_state()`, which the training checkpoint stores so a resumed run sees the same next batch.
+ClassLabel features become int32 labels in the batch. Batch sizes here are global: on several
+hosts each reads its own rows of every global batch (`GlobalBatchSampler`), so any number of hosts
+trains on the same batches. The loader's iterator has `get_state()` / `set_state()`, which the
+training checkpoint stores (one file per process) so a resumed run sees the same next batch.
 """
 
 import dataclasses
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -104,19 +107,86 @@ class DecodeExample(grain.transforms.Map):
         return decoded
 
 
+class GlobalBatchSampler:
+    """This host's rows of every global batch, as the index sampler of a grain DataLoader.
+
+    The invariant: global batch k is positions [k * batch_size, (k + 1) * batch_size) of `order`
+    (one order of the whole split, shuffled by its seed), whatever the number of hosts or loader
+    workers, and this host's batch k holds `rows` of it in that order. Placed by
+    `jax.make_array_from_process_local_data` (which fills a host's rows of the global array in
+    increasing order), the hosts' batches assemble exactly the batch one host would have read.
+
+    grain deals the loader's indices to its W workers round robin (worker w reads w, w + W, ...,
+    batches them, and batches leave worker by worker), so index i is row `rows[(i // W) % n]` of
+    this host's batch `(i // W // n) * W + i % W`.
+    """
+
+    def __init__(self, order: grain.samplers.IndexSampler, batch_size: int, rows: Sequence[int],
+                 worker_count: int = 0, drop_remainder: bool = True):
+        rows = tuple(int(r) for r in rows)
+        if not rows or list(rows) != sorted(set(rows)) or not 0 <= rows[0] <= rows[-1] < batch_size:
+            raise ValueError(f"rows={rows} must be distinct rows of a global batch of {batch_size}, "
+                             "in increasing order.")
+        self._order, self._batch_size, self._rows = order, batch_size, rows
+        self._workers = max(worker_count, 1)
+        total = len(order)
+        if total == sys.maxsize:  # repeats forever
+            self._length = total
+        elif self._workers > 1:
+            raise ValueError(f"A finite loader (num_epochs set) reads with worker_count=0 or 1, not "
+                             f"{worker_count}: its last batches would not be whole on every worker.")
+        else:
+            whole, remainder = divmod(total, batch_size)
+            partial = 0 if drop_remainder else sum(r < remainder for r in rows)
+            self._length = whole * len(rows) + partial
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:  # grain checks a restored iterator state against it
+        return (f"GlobalBatchSampler(order={self._order!r}, batch_size={self._batch_size}, "
+                f"rows={self._rows}, workers={self._workers})")
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < self._length:
+            raise IndexError(f"Index {index} is outside [0, {self._length}).")
+        worker, read = index % self._workers, index // self._workers
+        batch = (read // len(self._rows)) * self._workers + worker
+        position = batch * self._batch_size + self._rows[read % len(self._rows)]
+        record = self._order[position]
+        return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
+
+
+def host_rows(batch_size: int, shard_options: grain.sharding.ShardOptions) -> range:
+    """A host's equal, contiguous share of each global batch: rows [i * b / n, (i + 1) * b / n) of
+    host i of n (jax processes by default), as a batch split over a mesh in process order is."""
+    index, count = shard_options.shard_index, shard_options.shard_count
+    if batch_size % count:
+        raise ValueError(f"A global batch of {batch_size} does not split evenly over {count} hosts; "
+                         f"make the batch size a multiple of {count}.")
+    share = batch_size // count
+    return range(index * share, (index + 1) * share)
+
+
 def make_loader(*, name: str, builder_config: str, data_dir: str | None, split: str,
                 batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
                 worker_count: int = 0, drop_remainder: bool = True,
+                rows: Sequence[int] | None = None,
                 shard_options: grain.sharding.ShardOptions | None = None,
                 latent_cache: str | None = None, collate: str = "stack") -> grain.DataLoader:
-    """Batches of `split` for this host (batch_size per host), generating the data if needed.
+    """This host's part of global batches of `batch_size` from `split`, generating the data if
+    needed.
+
+    Each host reads `rows` of every global batch (see `GlobalBatchSampler`): by default host
+    i of n's contiguous share (`host_rows`), the hosts being jax processes unless shard_options
+    says otherwise; the trainer passes the rows its devices hold. One host reads whole batches.
 
     collate='stack' stacks each batch's arrays; 'list' keeps it a list of examples, for clips of
     many sizes (`data/batching.py` batches those by their token count).
 
     With latent_cache, batches come from that cache ('latent', 'caption', 'text', 'text_mask' and
-    labels) instead of pixels. num_epochs=None repeats forever. shard_options defaults to one
-    shard per JAX process, equal in size on every host so all hosts take the same number of steps.
+    labels) instead of pixels. num_epochs=None repeats forever; a finite loader drops the last,
+    partial global batch unless drop_remainder=False.
     """
     if latent_cache:
         source = latent_cache_lib.data_source(latent_cache, split)
@@ -125,22 +195,26 @@ def make_loader(*, name: str, builder_config: str, data_dir: str | None, split: 
         builder = prepare(name, builder_config, data_dir)
         source = builder.as_data_source(split)
         decode = DecodeExample(_label_names(builder))
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True),
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        seed=seed,
-    )
     if collate not in ("stack", "list"):
         raise ValueError(f"collate must be 'stack' or 'list', got {collate!r}.")
-    batch = grain.transforms.Batch(batch_size, drop_remainder=drop_remainder,
+    if rows is not None and shard_options is not None:
+        raise ValueError("Give rows or shard_options, not both: shard_options only picks the "
+                         "default rows.")
+    if rows is None:
+        rows = host_rows(batch_size, shard_options or grain.sharding.ShardByJaxProcess())
+    rows = tuple(rows)
+    order = grain.samplers.IndexSampler(num_records=len(source), shuffle=shuffle,
+                                        num_epochs=num_epochs, seed=seed)
+    sampler = GlobalBatchSampler(order, batch_size, rows, worker_count=worker_count,
+                                 drop_remainder=drop_remainder)
+    batch = grain.transforms.Batch(len(rows), drop_remainder=drop_remainder,
                                    batch_fn=list if collate == "list" else None)
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
         operations=[decode, batch],
         worker_count=worker_count,
+        shard_options=grain.sharding.NoSharding(),  # the sampler already reads this host's rows
     )
 
 

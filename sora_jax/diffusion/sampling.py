@@ -115,6 +115,7 @@ def euler_sample(
     given_mask: jax.Array | None = None,
     init: jax.Array | None = None,
     start: jax.Array | int = 0,
+    correct: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Euler integration of the (guided) flow ODE from `noise` to a sample.
 
@@ -134,6 +135,8 @@ def euler_sample(
       init, start: SDEdit: begin at step `start` of the grid (an int, traced or not) from `init`
         [B, T, H, W, C] noised to that step's time, instead of from pure noise at step 0
         (`strength_start` turns a strength into a step).
+      correct: optional reconstruction guidance (`pixel_guidance`): maps the step's estimate of the
+        clean sample, x0 = x - t v, to a corrected one, from which the velocity is recomputed.
     Returns:
       The sample at t = 0, [B, T, H, W, C].
     """
@@ -168,6 +171,10 @@ def euler_sample(
             v = guided(x, t)
         else:  # only the branch taken runs, so unguided steps cost one forward pass
             v = jax.lax.cond((lo <= grid[i]) & (grid[i] <= hi), guided, conditional, x, t)
+        if correct is not None:
+            tx = expand_time(t, x)
+            x0 = correct(x - tx * v)
+            v = jnp.where(tx > 0, (x - x0) / jnp.maximum(tx, 1e-6), v)
         return x + (grid[i + 1] - grid[i]) * v
 
     x = noise.astype(jnp.float32)
@@ -175,6 +182,31 @@ def euler_sample(
         x = flow.interpolate(init.astype(jnp.float32), x, jnp.full((batch, groups), grid[start]))
     x = jax.lax.fori_loop(start, steps, step, x)
     return keep * given + (1.0 - keep) * x
+
+
+def pixel_guidance(decode: Callable[[jax.Array], jax.Array], target: jax.Array, weight: jax.Array,
+                   scale: float) -> Callable[[jax.Array], jax.Array]:
+    """Reconstruction guidance (Ho et al. 2022, "Video Diffusion Models", sec. 3.1) for latent
+    diffusion: a gradient step on the clean-sample estimate toward given pixels.
+
+    Given latents fix what the DiT sees, but with a causal VAE they do not fix how the generated
+    frames decode next to them: a clip's later latents are encoded relative to its earlier frames,
+    so latents given after generated ones decode to the given pixels only if the generated ones
+    lead into them. This step pulls decode(x0) toward `target` [B, T', H, W, 3] at the frames where
+    `weight` [B, T'] is positive: x0 <- x0 - scale * grad 1/2 sum_f weight_f mse_f(decode(x0), target).
+    """
+
+    def loss(x0):
+        error = jnp.square(decode(x0) - target).mean(axis=(2, 3, 4))
+        return 0.5 * jnp.sum(weight * error)
+
+    def correct(x0):
+        # A decoder's norms have huge gradients at constant inputs (an untrained DiT's x0): a
+        # non-finite gradient leaves x0 as it is rather than poisoning the sample.
+        grad = jax.grad(loss)(x0)
+        return x0 - scale * jnp.where(jnp.isfinite(grad), grad, 0.0)
+
+    return correct
 
 
 def strength_start(steps: int, strength: float) -> int:

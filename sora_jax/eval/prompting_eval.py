@@ -80,7 +80,7 @@ def _edited_caption(prompt: dict[str, Any], index: int) -> tuple[str, str]:
 
 def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=None, guidance=None,
                        seed=0, checkpoint_step=None, split=None, frames=None, strength=0.7,
-                       context_frames=None) -> dict:
+                       context_frames=None, pixel_guidance=None) -> dict:
     """Runs `task` (one of TASKS) on the split's clips and returns the measures above."""
     import jax
     import tqdm
@@ -99,7 +99,8 @@ def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=No
                          f"{config.data.name!r}.")
     exp = Experiment(config)
     state, step = restore_for_inference(workdir, exp.abstract_state(), checkpoint_step)
-    settings = guidance_settings(config.sampling, guidance=guidance)
+    settings = guidance_settings(config.sampling, guidance=guidance,
+                                 pixel_guidance=pixel_guidance)
     steps = steps or config.sampling.steps
     prompter = Prompter(exp, state.groups["dit"].inference_params, steps=steps, guidance=settings)
     split = split or config.data.eval_split
@@ -149,7 +150,8 @@ def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=No
     result: dict[str, Any] = {
         "task": task, "workdir": os.path.abspath(workdir), "checkpoint_step": int(step),
         "split": split, "num_prompts": num_prompts, "sampling_steps": steps,
-        "guidance": settings["guidance"], "seed": seed, "frames": int(videos.shape[1]),
+        "guidance": settings["guidance"], "pixel_guidance": settings["pixel_guidance"],
+        "seed": seed, "frames": int(videos.shape[1]),
         "generated_frames": int(generated_masks.sum()), "seams": seams,
     }
     if given_pairs[0]:
@@ -167,6 +169,8 @@ def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=No
         result["adherence"] = detector.score(videos[:, generated_masks], attributes)
     out_dir = os.path.join(workdir, "eval")
     name = f"step_{step:06d}_{split}_{task}_g{settings['guidance']:g}_s{steps}"
+    if settings["pixel_guidance"]:
+        name += f"_pg{settings['pixel_guidance']:g}"
     write_video(os.path.join(out_dir, name + ".gif"), videos[:16])
     with open(os.path.join(out_dir, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)

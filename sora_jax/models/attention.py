@@ -16,6 +16,10 @@ Packing (NaViT): several clips share one sequence, each token carrying a segment
 makes self-attention block-diagonal and sends each clip's cross-attention to its own caption's tokens.
 Padding queries (id 0) thus attend to the padding keys only; their outputs are meaningless but finite,
 and the loss must mask them.
+
+Context parallelism (parallel/context.py): with `context_parallel` 'ulysses' or 'ring' and a mesh active
+at trace time that splits `sequence_axis` over more than one device, the sequence is split along it and
+the result is the same function.
 """
 
 import functools
@@ -25,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from sora_jax.parallel import context
 
 BACKENDS = ("xla", "cpu", "cudnn", "splash")
 _MASKED = -1e30
@@ -37,7 +43,8 @@ _SPLASH_LANES = 128
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
               bias: jax.Array | None = None, scale: float | None = None,
               q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
-              backend: str = "xla") -> jax.Array:
+              backend: str = "xla", context_parallel: str = "none", kv_replicated: bool = False,
+              sequence_axis: str = "sequence") -> jax.Array:
     """Multi-head attention.
 
     q: [B, Lq, H, D]; k, v: [B, Lk, H, D], all of one dtype.
@@ -48,11 +55,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     scale: the logits' factor, 1/sqrt(D) when None (T5 uses 1.0).
     q_segment_ids: int [B, Lq], non-negative; kv_segment_ids: int [B, Lk], q_segment_ids when None
       (self-attention). A query attends to a key iff their ids are equal (see the module docstring).
+    context_parallel: 'none', 'ulysses' or 'ring' (parallel/context.py). Under a mesh whose axis
+      `sequence_axis` has n > 1 devices, q is split along its length over it, and so are k and v unless
+      kv_replicated (a short context every device holds whole, as in cross-attention to text). Takes
+      no bias, and a mask only as key padding. Without such a mesh it changes nothing.
     Returns [B, Lq, H, D] in q's dtype.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    context.check_method(context_parallel)
     segment_ids = _checked_segment_ids(q, k, q_segment_ids, kv_segment_ids)
+    if context_parallel != "none" and context.axis_size(sequence_axis) > 1:
+        if bias is not None:
+            raise ValueError(f"context_parallel={context_parallel!r} takes no bias; use "
+                             f"context_parallel='none'")
+        return context.context_parallel_attention(
+            q, k, v, method=context_parallel, local_attention=functools.partial(attention, backend=backend),
+            kv_replicated=kv_replicated, mask=mask, segment_ids=segment_ids, scale=scale,
+            axis_name=sequence_axis)
     if backend == "splash":
         if bias is not None:
             raise ValueError("attention backend 'splash' takes no bias; use 'xla' or 'cudnn'")

@@ -62,6 +62,7 @@ class Attention(nn.Module):
     matmul: str
     backend: str
     out_init: Any = nn.initializers.xavier_uniform()
+    context_parallel: str = "none"  # parallel/context.METHODS
 
     @nn.compact
     def __call__(self, x, context=None, mask=None, rope=None, q_segment_ids=None, kv_segment_ids=None):
@@ -81,8 +82,10 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (nn.with_logical_constraint(a.astype(self.dtype), _HEADS) for a in (q, k, v))
+        # Under context parallelism the tokens are split over the mesh; a text context stays whole.
         out = attention(q, k, v, mask=mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                        backend=self.backend)
+                        backend=self.backend, context_parallel=self.context_parallel,
+                        kv_replicated=context is not None)
         return proj(width, ("heads", "head_dim", "embed"), axis=(-2, -1), kernel_init=self.out_init,
                     name="out")(out)
 
@@ -98,6 +101,7 @@ class DiTBlock(nn.Module):
     dtype: Any
     matmul: str
     attention_backend: str
+    context_parallel: str = "none"
 
     @nn.compact
     def __call__(self, x, cond, context, context_ids, rope, slot=None, segment_ids=None):
@@ -111,7 +115,7 @@ class DiTBlock(nn.Module):
         Returns (x, None), the carry and output of one step of nn.scan."""
         width = x.shape[-1]
         attn = functools.partial(Attention, self.num_heads, self.qk_norm, self.dtype, self.matmul,
-                                 self.attention_backend)
+                                 self.attention_backend, context_parallel=self.context_parallel)
         mod = dense(6 * width, ("embed", "mlp"), kernel_init=_zeros, dtype=self.dtype, matmul=self.matmul,
                     name="adaLN_modulation")(nn.silu(cond))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
@@ -193,6 +197,9 @@ class DiT(nn.Module):
     dtype: Any = jnp.float32  # Compute dtype; parameters are f32 regardless.
     matmul: str = "default"  # layers.MATMULS
     attention_backend: str = "xla"  # attention.BACKENDS
+    # How attention runs when the mesh splits the tokens over its `sequence` axis: 'none' (the
+    # compiler's choice), 'ulysses' or 'ring' (parallel/context.py).
+    context_parallel: str = "none"
     scan_layers: bool = False
     remat_policy: str = "none"  # REMAT_POLICIES
     rope_theta: float = 10000.0
@@ -314,7 +321,7 @@ class DiT(nn.Module):
                          unroll=1 if self.scan_layers else self.depth,
                          metadata_params={nn.PARTITION_NAME: "layers"})
         blocks = blocks(self.num_heads, self.mlp_ratio, self.qk_norm, self.dtype, self.matmul,
-                        self.attention_backend, name="blocks")
+                        self.attention_backend, self.context_parallel, name="blocks")
         scaled = jnp.asarray(positions, jnp.float32) * jnp.asarray(self.rope_scale, jnp.float32)
         angles = rope(scaled, self.width // self.num_heads, self.rope_theta)
         h, _ = blocks(h, cond, context, context_ids, angles, slot, segment_ids)

@@ -120,10 +120,22 @@ def batch_axis_size(mesh: Mesh, rules) -> int:
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-    """Starts jax's multi-process runtime.
+    """Starts jax's multi-process runtime; call it before anything touches jax's devices.
 
-    On Cloud TPU pods every argument is discovered from the environment; elsewhere (several CPU
-    processes on one machine, GPU clusters) they are given explicitly.
+    Arguments left None are discovered by jax where it can: Cloud TPU pods, SLURM, Open MPI and
+    Kubernetes set everything, and JAX_COORDINATOR_ADDRESS gives the address. Several processes
+    on one machine, or GPU hosts without a scheduler, give all three.
     """
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes={num_processes}: give the number of processes (>= 1).")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} is not in [0, num_processes={num_processes}): "
+                         "number the processes 0, 1, ..., num_processes - 1.")
+    # CPU processes need a library for collectives across processes: gloo (over TCP), unless
+    # another was chosen (JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi). Only the CPU client reads it.
+    on_cpu = (jax.config.jax_platforms or "cpu").split(",")[0] == "cpu"
+    if (on_cpu and num_processes != 1
+            and jax.config.jax_cpu_collectives_implementation in (None, "gloo")):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)

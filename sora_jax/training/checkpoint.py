@@ -4,6 +4,10 @@ A checkpoint holds three items: `state` (the TrainState arrays), `data` (the gra
 state, so a resumed run sees the same next batch) and `config` (JSON), plus any JSON items of the
 task (`JSON_ITEMS`: a VAE's `latent_stats`). Restoring takes a target of
 `jax.ShapeDtypeStruct`s carrying shardings, so a run saved on one mesh restores onto another.
+
+On several processes every process calls `save` and `restore` with the same arguments: orbax
+coordinates them, each writes its shards of the arrays, process 0 the JSON items, and each its own
+data-iterator state (`data/process_I-of-N.json`, so a resume needs the same number of processes).
 """
 
 from __future__ import annotations

@@ -25,12 +25,14 @@ from sora_jax.data import latent_cache as latent_cache_lib
 from sora_jax.data import packing as packing_lib
 from sora_jax.diffusion import masks as masks_lib
 from sora_jax.diffusion.flow import RectifiedFlow
+from sora_jax.diffusion import sampling as sampling_lib
 from sora_jax.diffusion.sampling import Guidance, euler_sample
 from sora_jax.models import patch as patch_lib
 from sora_jax.models import text as text_lib
 from sora_jax.models.dit import DiT
 from sora_jax.models.patch import grid_size
 from sora_jax.training import autoencoders as autoencoder_lib
+from sora_jax.parallel import context as context_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import state as state_lib
 from sora_jax.training.step import (make_eval_step, make_packed_eval_step,
@@ -68,6 +70,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if (model.width // model.num_heads) % 2:
         raise ValueError(f"Head dim {model.width // model.num_heads} must be even for RoPE; "
                          "change config.model.width or num_heads.")
+    context_parallel = model.get("context_parallel", "none")
+    if context_parallel not in context_lib.METHODS:
+        raise ValueError(f"config.model.context_parallel={context_parallel!r}; valid: "
+                         f"{', '.join(map(repr, context_lib.METHODS))}.")
+    sequence = config.mesh.get("sequence", 1)
+    if context_parallel == "ulysses" and sequence > 1 and model.num_heads % sequence:
+        raise ValueError(f"config.model.context_parallel='ulysses' splits the heads over the sequence "
+                         f"axis, but config.model.num_heads={model.num_heads} is not divisible by "
+                         f"config.mesh.sequence={sequence}; use 'ring' or change either.")
     if not 0.0 <= config.text.caption_dropout < 1.0:
         raise ValueError(f"config.text.caption_dropout must be in [0, 1), got {config.text.caption_dropout}.")
     if config.sampling.get("rope", "extrapolate") not in ("extrapolate", "interpolate"):
@@ -84,14 +95,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
         Guidance(settings["guidance"], settings["guidance_rescale"], settings["guidance_interval"])
     except ValueError as error:
         raise ValueError(f"config.sampling: {error}") from None
+    pixel = settings["pixel_guidance"]
+    if isinstance(pixel, bool) or not isinstance(pixel, (int, float)) or not pixel >= 0:
+        raise ValueError(f"config.sampling.pixel_guidance={pixel!r}: give a step size >= 0 (0 turns "
+                         "pixel guidance of image and video prompts off).")
 
 
 def guidance_settings(sampling: ml_collections.ConfigDict, **overrides) -> dict[str, Any]:
     """`make_sampler`'s guidance keywords from config.sampling, replaced by the overrides that are
-    not None. Workdirs saved before guidance_rescale and guidance_interval existed get plain CFG."""
+    not None. Workdirs saved before guidance_rescale, guidance_interval and pixel_guidance existed
+    get plain CFG and no pixel guidance."""
     settings = dict(guidance=sampling.guidance,
                     guidance_rescale=sampling.get("guidance_rescale", 0.0),
-                    guidance_interval=sampling.get("guidance_interval", (0.0, 1.0)))
+                    guidance_interval=sampling.get("guidance_interval", (0.0, 1.0)),
+                    pixel_guidance=sampling.get("pixel_guidance", 0.0))
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings
 
@@ -159,8 +176,21 @@ class ExperimentBase:
     def batch_shardings(self, batch: dict) -> dict:
         return {k: mesh_lib.batch_sharding(self.mesh, self.rules, v.ndim) for k, v in batch.items()}
 
+    def host_rows(self) -> tuple[int, ...]:
+        """The rows of each global batch (config.data.batch_size) that this process feeds: those
+        its devices hold under the batch sharding, in increasing order, the order in which
+        `global_batch` places a host's rows. The loader reads exactly these rows of the batch a
+        one-process run would read (`pipeline.GlobalBatchSampler`)."""
+        size = self.config.data.batch_size
+        sharding = mesh_lib.batch_sharding(self.mesh, self.rules, 1)
+        rows = set()
+        for index in sharding.addressable_devices_indices_map((size,)).values():
+            rows.update(range(size)[index[0]])
+        return tuple(sorted(rows))
+
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host-local numpy arrays -> global arrays sharded over the batch axes (multi-host safe)."""
+        """Host-local numpy arrays -> global arrays sharded over the batch axes (multi-host safe):
+        a host's rows land in its devices' rows of the global batch (`host_rows`)."""
         return {k: jax.make_array_from_process_local_data(
                     mesh_lib.batch_sharding(self.mesh, self.rules, np.ndim(v)), v)
                 for k, v in local.items()}
@@ -244,6 +274,7 @@ class Experiment(ExperimentBase):
             dtype=DTYPES[c.model.dtype],
             matmul=c.model.matmul,
             attention_backend=c.model.attention_backend,
+            context_parallel=c.model.get("context_parallel", "none"),
             scan_layers=c.model.scan_layers,
             remat_policy=c.model.remat_policy,
             size_conditioning=c.model.get("size_conditioning", False),
@@ -390,8 +421,14 @@ class Experiment(ExperimentBase):
 
     @functools.cached_property
     def _cached_text_encoder(self):
+        """captions -> memoised (tokens, mask) numpy embeddings, encoded on `_text_mesh`."""
         from sora_jax.training.text_cache import CachedTextEncoder
-        return CachedTextEncoder(self.text_encoder)
+        cached = CachedTextEncoder(self.text_encoder)
+
+        def encode(captions):
+            with jax.set_mesh(self._text_mesh):
+                return cached(captions)
+        return encode
 
     def make_batch(self, host: dict) -> dict[str, jax.Array]:
         """A host batch of the pipeline (pixels or cached latents, captions) -> a global batch."""
@@ -446,11 +483,14 @@ class Experiment(ExperimentBase):
 
     @functools.cached_property
     def _eval_step(self):
+        time_bins = tuple(self.config.train.time_bins)
         if self.batcher is not None:
-            return jax.jit(make_packed_eval_step(self.model, self.flow,
-                                                 time_bins=tuple(self.config.train.time_bins)))
-        return jax.jit(make_eval_step(self.model, self.flow, time_bins=tuple(self.config.train.time_bins),
-                                      temporal_patch=self.temporal_patch))
+            step = make_packed_eval_step(self.model, self.flow, time_bins=time_bins)
+        else:
+            step = make_eval_step(self.model, self.flow, time_bins=time_bins,
+                                  temporal_patch=self.temporal_patch)
+        # Replicated losses: every process reads them, as on several it must.
+        return jax.jit(step, out_shardings=mesh_lib.replicated(self.mesh))
 
     def validation_scalars(self, state, batches) -> dict[str, float]:
         """Validation loss per diffusion-time bin (fixed noise: comparable across steps and runs)."""
@@ -480,6 +520,8 @@ class Experiment(ExperimentBase):
         text, mask = self._cached_text_encoder(self._sample_prompts)
         video = self._training_sampler(state.groups["dit"].inference_params, text, mask,
                                        jax.random.key(self.config.seed))
+        if jax.process_index() != 0:  # every process takes part in sampling; one writes
+            return "written by process 0"
         path = write_video(os.path.join(workdir, "samples", f"step_{step:06d}.gif"),
                            to_uint8(jax.device_get(video)))
         return f"{path} ({' | '.join(self._sample_prompts)})"
@@ -487,9 +529,17 @@ class Experiment(ExperimentBase):
     # Text -------------------------------------------------------------------------------------
 
     @functools.cached_property
+    def _text_mesh(self) -> jax.sharding.Mesh:
+        """This experiment's mesh; on several processes, this process's devices alone: each
+        process encodes its own captions, which a mesh over all processes cannot take."""
+        if jax.process_count() == 1:
+            return self.mesh
+        return mesh_lib.make_mesh({"fsdp": -1}, jax.local_devices())
+
+    @functools.cached_property
     def text_encoder(self) -> text_lib.TextEncoder:
-        """The frozen text encoder, its parameters sharded over this experiment's mesh."""
-        return self.make_text_encoder(self.mesh)
+        """The frozen text encoder, its parameters sharded over `_text_mesh`."""
+        return self.make_text_encoder(self._text_mesh)
 
     def make_text_encoder(self, mesh: jax.sharding.Mesh) -> text_lib.TextEncoder:
         """Loads the config's text encoder with its parameters sharded over `mesh` by the
@@ -507,7 +557,8 @@ class Experiment(ExperimentBase):
     # Sampling ---------------------------------------------------------------------------------
 
     def make_sampler(self, *, steps: int, guidance: float, guidance_rescale: float = 0.0,
-                     guidance_interval: tuple[float, float] = (0.0, 1.0), latent_shape=None):
+                     guidance_interval: tuple[float, float] = (0.0, 1.0), latent_shape=None,
+                     pixel_guidance: float = 0.0):
         """Returns sample(params, text, text_mask, rng, negative_text=None, negative_mask=None, *,
         given=None, given_mask=None, init=None, start=0) -> video float32 [B, T, H, W, 3] in
         [-1, 1].
@@ -517,13 +568,18 @@ class Experiment(ExperimentBase):
         [B, L, D] and `negative_mask` [B, L] (shaped as text and text_mask) when given.
         Given latent frames (`given` [B, t, h, w, c] with `given_mask` [B, t // pt]) are kept clean
         while the rest is sampled; `init` latents with a `start` step make SDEdit
-        (`sampling.euler_sample`). The Euler loop and the decoder are one jit: it compiles once
-        per batch shape and set of inputs.
+        (`sampling.euler_sample`). With `pixels` [B, T, H, W, 3] and `pixel_weight` [B, T] (> 0
+        at given pixel frames) and a positive `pixel_guidance` scale, each step also pulls the
+        decoded clean estimate toward the given pixels (`sampling.pixel_guidance`). The Euler loop
+        and the decoder are one jit: it compiles once per batch shape and set of inputs.
         """
         shape = tuple(latent_shape or self.latent_shape)
         settings = Guidance(guidance, guidance_rescale, guidance_interval)
+        if not pixel_guidance >= 0:
+            raise ValueError(f"pixel_guidance must be >= 0 (0 is off), got {pixel_guidance}.")
 
-        def sample(params, autoencoder_params, text, text_mask, rng, negative, given, init, start):
+        def sample(params, autoencoder_params, text, text_mask, rng, negative, given, init, start,
+                   pixels):
             denoise = lambda x, t, cond: self.model.apply({"params": params}, x, t, *cond)
             own = jnp.zeros((text.shape[0],), bool)  # drop_text: each row sees its own caption
             # The DiT's size conditioning, where it has one: the size being sampled.
@@ -531,37 +587,49 @@ class Experiment(ExperimentBase):
             cond = (text, text_mask, own, *sizes)
             uncond = (text, text_mask, ~own, *sizes) if negative is None else (*negative, own, *sizes)
             noise = jax.random.normal(rng, (text.shape[0], *shape), jnp.float32)
+            correct = None
+            if pixels is not None and pixel_guidance > 0:
+                correct = sampling_lib.pixel_guidance(
+                    lambda z: autoencoder.decode(autoencoder_params, z), *pixels, pixel_guidance)
             latent = euler_sample(self.flow, denoise, noise, cond, uncond, steps=steps,
                                   guidance=settings, temporal_patch=self.temporal_patch,
-                                  **(given or {}), init=init, start=start)
+                                  **(given or {}), init=init, start=start, correct=correct)
             return jnp.clip(autoencoder.decode(autoencoder_params, latent), -1.0, 1.0)
 
         def run(params, text, text_mask, rng, negative_text=None, negative_mask=None, *,
-                given=None, given_mask=None, init=None, start=0):
+                given=None, given_mask=None, init=None, start=0, pixels=None, pixel_weight=None):
             if (negative_text is None) != (negative_mask is None):
                 raise ValueError("Give negative_text and negative_mask together, or neither.")
             if (given is None) != (given_mask is None):
                 raise ValueError("Give given and given_mask together, or neither.")
             negative = None if negative_text is None else (negative_text, negative_mask)
+            if (pixels is None) != (pixel_weight is None):
+                raise ValueError("Give pixels and pixel_weight together, or neither.")
             given = None if given is None else dict(given=given, given_mask=given_mask)
+            pixels = None if pixels is None else (pixels, pixel_weight)
             with self.activate():
                 return jitted(params, autoencoder_params, text, text_mask, rng, negative, given,
-                              init, jnp.int32(start))
+                              init, jnp.int32(start), pixels)
 
         autoencoder, autoencoder_params = self.loaded_autoencoder
-        jitted = jax.jit(sample)
+        # Replicated videos: every process can read them (on several, device_get needs that).
+        jitted = jax.jit(sample, out_shardings=mesh_lib.replicated(self.mesh))
         return run
 
 
 def get_experiment(config: ml_collections.ConfigDict, devices: Any = None):
-    """The experiment for `config.task`: 'text_to_video' (DiT) or 'vae' (video autoencoder)."""
+    """The experiment for `config.task`: 'text_to_video' (DiT), 'vae' (video autoencoder) or
+    'class_dit' (the DiT paper's class-conditional image model)."""
     task = config.get("task")
     if task == "text_to_video":
         return Experiment(config, devices)
     if task == "vae":
         from sora_jax.training.vae_experiment import VAEExperiment
         return VAEExperiment(config, devices)
-    raise ValueError(f"Unknown config.task {task!r}; valid: 'text_to_video', 'vae'.")
+    if task == "class_dit":
+        from sora_jax.training.class_experiment import ClassExperiment
+        return ClassExperiment(config, devices)
+    raise ValueError(f"Unknown config.task {task!r}; valid: 'text_to_video', 'vae', 'class_dit'.")
 
 
 def to_uint8(video: jax.Array | np.ndarray) -> np.ndarray:

@@ -18,8 +18,10 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
+from orbax.checkpoint import multihost
 
 from sora_jax.data import latent_cache, pipeline
+from sora_jax.training import memory
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training.checkpoint import Checkpointer
 from sora_jax.training.experiment import get_experiment, text_identity
@@ -61,6 +63,16 @@ def check_data_shape(config: ml_collections.ConfigDict, data_kw: dict) -> None:
             f"Dataset {config.data.name}/{config.data.builder_config} holds clips of shape {stored}, "
             f"but config.data.(frames, height, width) give {expected[:3]}; set them to "
             f"{stored[:3]} or choose another config.data.builder_config.")
+
+
+def wait_for_every_process(name: str) -> None:
+    """A barrier of jax's coordination service (not a collective); nothing on one process.
+
+    On CPU, gloo gives a process 30 s to meet its peers at their first collective, and
+    compilation and data loading take longer than that on some processes of a busy machine.
+    """
+    if jax.process_count() > 1:
+        multihost.get_barrier_sync_fn()(key=name, timeout_ms=60 * 60 * 1000)
 
 
 class _Preemption:
@@ -107,18 +119,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
             state = ckpt.restore(start, abstract)
             ckpt.close()
             return state
-    save_config(c, workdir)
+    if jax.process_index() == 0:  # one writer for the files of the workdir; checkpoints are joint
+        save_config(c, workdir)
 
     data_kw = pipeline.data_kwargs(c.data)
     check_data_shape(c, data_kw)
     if data_kw.get("latent_cache"):
         latent_cache.check_matches(data_kw["latent_cache"], latent_shape=exp.cache_latent_shape(),
                                    text=text_identity(c.text))
-    host_batch = c.data.batch_size // jax.process_count()
+    # Each process reads the rows of every global batch that its devices hold, so any number of
+    # processes trains on the batches a single process would (pipeline.GlobalBatchSampler).
+    rows = exp.host_rows()
     collate = "list" if c.data.get("batching") else "stack"  # clips of many sizes: batched later
     train_iter = iter(pipeline.make_loader(
-        **data_kw, split=c.data.train_split, batch_size=host_batch, seed=c.seed, shuffle=True,
-        worker_count=c.data.worker_count, collate=collate))
+        **data_kw, split=c.data.train_split, batch_size=c.data.batch_size, rows=rows, seed=c.seed,
+        shuffle=True, worker_count=c.data.worker_count, collate=collate))
     if start is None:
         state = exp.init_state(jax.random.key(c.seed))
         start = 0
@@ -127,14 +142,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
         state = ckpt.restore(start, abstract, data_iterator=train_iter)
         logging.info("Resumed from step %d in %s.", start, workdir)
     logging.info("%s, mesh %s.", exp.describe(state), dict(exp.mesh.shape))
+    logging.info("%s", memory.summary(exp, abstract))
 
     train_step = exp.jit_train_step()
+    base_rng = jax.random.key(c.seed + 1)
+    if jax.process_count() > 1:  # compiled ahead, so that the processes' first steps meet
+        with exp.activate():
+            train_step = train_step.lower(state, exp.batch_shapes(), base_rng).compile()
     # Fixed validation batches and fixed training clips for checkpoint statistics: comparable
     # across steps and runs.
     def fixed_batches(split: str) -> list:
         it = exp.train_batches(iter(pipeline.make_loader(
-            **data_kw, split=split, batch_size=host_batch, seed=c.seed, collate=collate,
-            shuffle=False, num_epochs=1, worker_count=0, drop_remainder=collate == "stack")))
+            **data_kw, split=split, batch_size=c.data.batch_size, rows=rows, seed=c.seed,
+            collate=collate, shuffle=False, num_epochs=1, worker_count=0,
+            drop_remainder=collate == "stack")))
         return [next(it) for _ in range(c.train.num_eval_batches)]
 
     val_batches = fixed_batches(c.data.validation_split)
@@ -144,7 +165,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
     flops_per_step = exp.train_flops_per_step() if hasattr(exp, "train_flops_per_step") else None
     peak = metrics_lib.peak_flops_per_device(exp.model.dtype) * jax.device_count() \
         if flops_per_step else None
-    base_rng = jax.random.key(c.seed + 1)
     pending: list[tuple[int, dict]] = []
     window_start, window_steps = time.perf_counter(), 0
 
@@ -201,6 +221,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
             if profile_range and step == profile_range[0]:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
             batch = next(batches)
+            if step == start:
+                wait_for_every_process(f"sora_jax_first_step_{start}")
             state, metrics = train_step(state, batch, base_rng)
             step += 1
             window_steps += 1
