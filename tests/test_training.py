@@ -194,7 +194,7 @@ def test_inconsistent_config_values_fail_at_start_naming_the_setting(change, mes
 def test_guidance_settings_default_to_plain_cfg_for_configs_saved_before_they_existed():
     saved = ml_collections.ConfigDict({"steps": 8, "guidance": 2.0})  # an older workdir's config
     assert guidance_settings(saved, guidance_rescale=None, guidance_interval=[0.1, 0.9]) == dict(
-        guidance=2.0, guidance_rescale=0.0, guidance_interval=[0.1, 0.9])
+        guidance=2.0, guidance_rescale=0.0, guidance_interval=[0.1, 0.9], pixel_guidance=0.0)
 
 
 def test_gradient_accumulation_gives_the_one_batch_update(single_and_sharded):
