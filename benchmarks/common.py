@@ -5,19 +5,26 @@ Import this before jax: `use_fast_allocator` may restart the process with anothe
 
 import functools
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
 
-# What the Makefile preloads: a CPU train step allocates gigabytes of fresh pages a step, and
-# jemalloc (Debian's libjemalloc2), or glibc's huge-page malloc where it is missing, removes most
-# of the page faults.
+# A CPU train step frees and reallocates gigabytes every step; an allocator that hands those pages
+# back to the kernel makes the next step fault them in again (seconds a step at DiT-S size). As the
+# Makefile: jemalloc (Debian's libjemalloc2) where installed, here told to keep freed pages. Without
+# it, glibc with one arena (XLA allocates from its worker threads, and glibc's other arenas map
+# large blocks afresh), no mmap for large blocks and no trimming keeps them too. (The Makefile's
+# fallback, glibc's huge pages, still maps afresh, and each huge page fault may compact memory.)
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+GLIBC_KEEP_PAGES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                    "glibc.malloc.trim_threshold=68719476736")
 
 
 def use_fast_allocator() -> None:
-    """Restarts this process under the Makefile's allocator unless one was chosen already.
+    """Restarts this process under an allocator that keeps freed pages, unless one was chosen.
 
     Set LD_PRELOAD or GLIBC_TUNABLES yourself (even to an empty string) to keep your choice.
     """
@@ -27,15 +34,17 @@ def use_fast_allocator() -> None:
     jemalloc = [p for p in JEMALLOC_PATHS if os.path.exists(p)]
     if jemalloc:
         env["LD_PRELOAD"] = jemalloc[0]
+        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     else:
-        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+        env["GLIBC_TUNABLES"] = GLIBC_KEEP_PAGES
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def allocator() -> str:
     """The allocator this process runs with, as `use_fast_allocator` or the caller chose it."""
     if os.environ.get("LD_PRELOAD"):
-        return f"LD_PRELOAD={os.environ['LD_PRELOAD']}"
+        conf = os.environ.get("MALLOC_CONF")
+        return f"LD_PRELOAD={os.environ['LD_PRELOAD']}" + (f" MALLOC_CONF={conf}" if conf else "")
     if os.environ.get("GLIBC_TUNABLES"):
         return f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}"
     return "glibc malloc"
@@ -124,12 +133,16 @@ def interleaved(runs: dict[str, Callable[[], float]], rounds: int, *, warmup: in
     return kept
 
 
-def timed(fn: Callable[[], object]) -> Callable[[], tuple[float, float]]:
-    """A run for `interleaved`: (wall, CPU) seconds of fn(), which must block until its work is
-    done. CPU time counts every thread of this process: on a shared machine it is what the run
-    cost, whatever share of the CPUs it got."""
+def timed(fn: Callable[[], object]) -> Callable[[], tuple[float, float, float, int]]:
+    """A run for `interleaved`: fn(), which must block until its work is done, measured as (wall
+    seconds, CPU seconds, of which in the kernel, minor page faults). CPU time counts every thread of
+    this process: on a shared machine it is what the run cost, whatever share of the CPUs it got;
+    kernel time and page faults show what the allocator costs."""
     def run():
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         fn()
-        return time.perf_counter() - wall, time.process_time() - cpu
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        sys_s = after.ru_stime - before.ru_stime
+        return (time.perf_counter() - wall, after.ru_utime - before.ru_utime + sys_s, sys_s,
+                after.ru_minflt - before.ru_minflt)
     return run

@@ -22,13 +22,14 @@ A full training step (forward, backward, AdamW update) at one shape, on both sid
 
 in two precisions:
 
-  f32    f32 everywhere on both sides (ours: dtype float32, matmul 'default', attention 'cpu',
-         which computes in its inputs' dtype).
+  f32    f32 everywhere on both sides (ours: dtype float32, matmul 'f32', attention 'cpu', the
+         CPU paths of NOTES.md with f32 operands).
   mixed  ours: bf16 matmuls with f32 accumulation, forward and backward (dtype bfloat16, matmul
          'bf16', attention 'cpu'); PyTorch: bf16 autocast.
 
 Both sides are compiled and warmed first; then every round runs one step of each, and one matmul
-peak measurement, in turn, so a busy machine slows them alike. Reported: median step times, the
+peak measurement, in turn, so a busy machine slows them alike. Reported: median step times (wall,
+and the process's CPU time, which a busy machine disturbs less when each side runs one thread), the
 ratios ours / PyTorch, model FLOPs per step (ours: `DiT.flops_per_example`; PyTorch: the matmuls
 torch's FLOP counter sees plus the attention products, which it does not count on CPU; forward +
 backward = 3x forward), the FLOP/s, and that as a fraction of the matmul peak (bf16 x bf16 -> f32
@@ -49,7 +50,6 @@ if __name__ == "__main__":
 
 import datetime  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import platform  # noqa: E402
 
 from absl import app, flags  # noqa: E402
@@ -74,7 +74,7 @@ _THREADS = flags.DEFINE_integer(
     "threads", None, "CPUs this process runs on, hence XLA's and torch's threads; default: all it may use.")
 
 PRECISIONS = {
-    "f32": {"model": dict(dtype="float32", matmul="default", attention_backend="xla"),
+    "f32": {"model": dict(dtype="float32", matmul="f32", attention_backend="cpu"),
             "pytorch": "float32", "peak": "float32", "target": 0.95},
     "mixed": {"model": dict(dtype="bfloat16", matmul="bf16", attention_backend="cpu"),
               "pytorch": "bfloat16 autocast", "peak": "bfloat16", "target": 0.8},
@@ -262,8 +262,8 @@ def compare(precision: str) -> dict:
             for k, vs in kept.items()))
 
     kept = common.interleaved(timed, _ROUNDS.value, on_round=progress)
-    wall = {k: float(np.median([v[0] for v in vs])) for k, vs in kept.items()}
-    cpu = {k: float(np.median([v[1] for v in vs])) for k, vs in kept.items()}
+    median = lambda k, i: float(np.median([v[i] for v in kept[k]]))
+    wall, cpu = {k: median(k, 0) for k in kept}, {k: median(k, 1) for k in kept}
     flops = {"ours": exp.train_flops_per_step(), "pytorch": torch_flops}
     flops["ours_packed"] = flops["ours"]  # the same clips, one per row
     sides = [k for k in runs if k != "pytorch"]
@@ -273,6 +273,8 @@ def compare(precision: str) -> dict:
         "step_s": {k: round(wall[k], 4) for k in runs},
         "step_cpu_s": {k: round(cpu[k], 4) for k in runs},
         "step_min_s": {k: round(min(v[0] for v in kept[k]), 4) for k in runs},
+        "step_kernel_s": {k: round(median(k, 2), 4) for k in runs},
+        "page_faults_per_step": {k: int(median(k, 3)) for k in runs},
         # ours / PyTorch: by median wall time (the target), and by CPU time, which a busy machine
         # disturbs less where each side runs on one thread.
         "ratio": {k: wall[k] / wall["pytorch"] for k in sides},

@@ -5,7 +5,9 @@ r"""Measures the DiT train step of a config and prints one JSON object.
 Reports the median step time, model FLOPs per step (matmuls and attention, forward + backward =
 3x forward), the achieved FLOP/s, and that as a fraction of this machine's matmul peak measured in
 the same process (bf16 x bf16 -> f32 for bf16 models, f32 otherwise), so the ratio holds on a
-busy machine. Data comes from random arrays: this times the step, not the input pipeline.
+busy machine. Data comes from random arrays: this times the step, not the input pipeline. It runs
+under an allocator that keeps freed pages (`benchmarks/common.py`) unless LD_PRELOAD or
+GLIBC_TUNABLES is set.
 """
 
 import json
@@ -14,6 +16,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+if __name__ == "__main__":
+    common.use_fast_allocator()
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -25,7 +32,6 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).
 def main(argv):
     del argv
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from sora_jax.training import metrics
@@ -33,14 +39,7 @@ def main(argv):
 
     exp = Experiment(_CONFIG.value)
     c = exp.config
-    shapes = exp.batch_shapes()
-    keys = jax.random.split(jax.random.key(0), 2)
-    batch = {
-        "latent": jax.random.uniform(keys[0], shapes["latent"].shape, minval=-1, maxval=1),
-        "text": jax.random.normal(keys[1], shapes["text"].shape),
-        "text_mask": jnp.ones(shapes["text_mask"].shape, bool),
-    }
-    batch = jax.device_put(batch, exp.batch_shardings(batch))
+    batch = common.random_batch(exp, jax.random.key(0))
     state = exp.init_state(jax.random.key(0))
     step = exp.jit_train_step()
     times = []
@@ -64,6 +63,7 @@ def main(argv):
         "platform": jax.devices()[0].platform,
         "device_kind": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
+        "allocator": common.allocator(),
         "mesh": dict(exp.mesh.shape),
         "model": dict(c.model),
         "global_batch": c.data.batch_size,
@@ -74,9 +74,7 @@ def main(argv):
         "model_flops_per_step": flops,
         "achieved_flops_per_s": flops / step_s,
         "peak_flops_per_s": peak,
-        "peak_definition": ("matmul peak measured in this process ("
-                            + ("bf16 x bf16 -> f32" if exp.model.dtype == jnp.bfloat16 else "f32")
-                            + ")" if jax.devices()[0].platform == "cpu" else "published bf16 peak"),
+        "peak_definition": common.peak_definition(exp.model.dtype),
         "fraction_of_peak": flops / step_s / peak,
         "tokens_per_s": c.data.batch_size * exp.tokens_per_example() / step_s,
         "loss": float(m["loss"]),

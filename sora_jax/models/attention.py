@@ -2,9 +2,9 @@
 
 The backends compute the same function; the config picks one per platform:
   'xla'    `jax.nn.dot_product_attention` lowered by XLA: the portable reference, on any platform.
-  'cpu'    einsums in a (batch*heads, tokens, head_dim) layout with bf16 operands, f32 accumulation and a
-           hand-written backward, so that every matmul, forward and backward, is a bf16 x bf16 -> f32
-           product in a layout the CPU's fast matmul library takes.
+  'cpu'    einsums in a (batch*heads, tokens, head_dim) layout with f32 accumulation and a hand-written
+           backward, so that every matmul, forward and backward, is a bf16 x bf16 -> f32 product (f32
+           x f32 for f32 inputs) in a layout the CPU's fast matmul library takes.
   'cudnn'  cuDNN's fused kernel (GPU only).
   'splash' the Pallas splash-attention kernel: native on TPU, elsewhere run by the Pallas interpreter
            (slow; for tests). It takes segment ids and key padding, no other mask and no bias.
@@ -165,7 +165,8 @@ def _splash_kernel(heads, lq, lk, interpret):
 
 def _cpu_attention(q, k, v, mask, scale):
     heads = q.shape[2]
-    rows = lambda x: _pinned(einops.rearrange(x.astype(jnp.bfloat16), "b l h d -> (b h) l d"))
+    dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16  # of the matmuls' operands
+    rows = lambda x: _pinned(einops.rearrange(x.astype(dtype), "b l h d -> (b h) l d"))
     # Scaling q rather than the logits spares a pass over the [tokens, tokens] arrays.
     scaled_q = q.astype(jnp.float32) * scale
     mask = None if mask is None else jnp.asarray(mask, bool)
@@ -207,11 +208,11 @@ def _rows_attention(q, k, v, mask, heads):
 
 
 def _rows_attention_fwd(q, k, v, mask, heads):
-    """softmax(q k^T) v for q: [B*H, Lq, D] (already scaled) and k, v: [B*H, Lk, D], all bf16.
-    Returns ([B*H, Lq, D] f32, residuals)."""
+    """softmax(q k^T) v for q: [B*H, Lq, D] (already scaled) and k, v: [B*H, Lk, D], all bf16 or
+    all f32. Returns ([B*H, Lq, D] f32, residuals)."""
     s = _masked(_einsum("nqd,nkd->nqk", q, k), mask, heads, _MASKED)
     p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    p = (p / jnp.sum(p, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    p = (p / jnp.sum(p, axis=-1, keepdims=True)).astype(q.dtype)
     out = _pinned(_einsum("nqk,nkd->nqd", p, v))
     return out, (q, k, v, mask, p, out)
 
@@ -221,14 +222,14 @@ def _rows_attention_bwd(heads, residuals, d_out):
     dv = p^T do) are computed transposed (dk^T = q^T ds), so that only [tokens, head_dim] arrays,
     never [tokens, tokens] ones, need transposed copies."""
     q, k, v, mask, p, out = residuals
-    d_out16 = _pinned(d_out.astype(jnp.bfloat16))
-    dp = _einsum("nqd,nkd->nqk", d_out16, v)
+    d_out_q = _pinned(d_out.astype(q.dtype))  # in the operands' dtype
+    dp = _einsum("nqd,nkd->nqk", d_out_q, v)
     ds = p.astype(jnp.float32) * (dp - jnp.sum(d_out * out, axis=-1, keepdims=True))
     # Masked logits get no gradient (p is only nonzero there in rows with no visible key).
-    ds = _masked(ds, mask, heads, 0.0).astype(jnp.bfloat16)
+    ds = _masked(ds, mask, heads, 0.0).astype(q.dtype)
     dq = _pinned(_einsum("nqk,nkd->nqd", ds, k))
     dk = _transposed(_einsum("ndq,nqk->ndk", _transposed(q), ds))
-    dv = _transposed(_einsum("ndq,nqk->ndk", _transposed(d_out16), p))
+    dv = _transposed(_einsum("ndq,nqk->ndk", _transposed(d_out_q), p))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

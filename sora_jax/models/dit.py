@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax.models.attention import attention
-from sora_jax.models.layers import (MLP, LayerNorm, RMSNorm, TimestepEmbedder, dense, modulate,
-                                    timestep_embedding)
+from sora_jax.models.layers import (MLP, LayerNorm, RMSNorm, TimestepEmbedder, dense, gradient_barrier,
+                                    modulate, timestep_embedding)
 from sora_jax.models.patch import apply_rope, grid_positions, grid_size, patchify, rope, unpatchify
 
 # What each block keeps for the backward pass: everything ('none'), only its input ('full': the
@@ -116,6 +116,8 @@ class DiTBlock(nn.Module):
         width = x.shape[-1]
         attn = functools.partial(Attention, self.num_heads, self.qk_norm, self.dtype, self.matmul,
                                  self.attention_backend, context_parallel=self.context_parallel)
+        if self.matmul != "default":  # the CPU matmuls: see gradient_barrier
+            x = gradient_barrier(x)
         mod = dense(6 * width, ("embed", "mlp"), kernel_init=_zeros, dtype=self.dtype, matmul=self.matmul,
                     name="adaLN_modulation")(nn.silu(cond))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
