@@ -1,6 +1,8 @@
 """Shared test utilities: a tiny dataset built once, and small configs."""
 
 import functools
+import os
+import re
 import tempfile
 
 import ml_collections
@@ -15,6 +17,14 @@ def tiny_data_dir() -> str:
     data_dir = tempfile.mkdtemp(prefix="sora_jax_tfds_")
     pipeline.prepare(name="moving_shapes", builder_config="tiny", data_dir=data_dir)
     return data_dir
+
+
+def laptop_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a subprocess that runs as on a laptop: one CPU device, not
+    the suite's 8 emulated ones (the other XLA flags, the compilation cache, stay)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {flags}".strip(),
+            **extra}
 
 
 def one_device() -> list:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -10,14 +11,15 @@ import imageio.v3 as iio
 import pytest
 from PIL import Image
 
-from tests.helpers import tiny_data_dir
+from sora_jax import generate
+from tests.helpers import laptop_env, tiny_data_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=laptop_env(),
+                            capture_output=True, text=True, timeout=600)
     if check and result.returncode:
         raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr[-4000:]}")
     return result
@@ -93,21 +95,30 @@ def test_evaluate_prints_prompt_adherence_json(workdir):
     assert report["detector_on_real_videos"]["colour_accuracy"] == 1.0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt= "], "must be non-empty"),
-    (["--prompt=a red square", "--out=/proc/forbidden/x.mp4"], "Cannot write"),
-    (["--prompt=a red square", "--out=video.avi"], "extension must be one of"),
-    (["--prompt=a red square", "--height=18"], "18"),
-    (["--prompt=a", "--prompt=b", "--negative_prompt=x", "--negative_prompt=y",
-      "--negative_prompt=z"], "one per --prompt (2), not 3"),
-    (["--prompt=a red square", "--guidance_rescale=2"], "rescale must be in [0, 1], got 2.0"),
-    (["--prompt=a red square", "--guidance_interval=0.5"], "--guidance_interval must be 'lo,hi'"),
-    (["--prompt=a red square", "--extend=forward", "--frames=12"], "--extend needs the clip"),
-    (["--prompt=a red square", "--image=/nonexistent.png"], "does not exist"),
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[" "]), "must be non-empty"),
+    (dict(out="/proc/forbidden/x.mp4"), "Cannot write"),
+    (dict(out="video.avi"), "extension must be one of"),
+    (dict(height=18), "18"),
+    (dict(prompts=["a", "b"], negative_prompts=["x", "y", "z"]), "one per --prompt (2), not 3"),
+    (dict(guidance_rescale=2.0), "rescale must be in [0, 1], got 2.0"),
+    (dict(extend="forward", frames=12), "--extend needs the clip"),
+    (dict(image="/nonexistent.png"), "does not exist"),
 ])
-def test_generate_rejects_bad_input_with_a_clear_message(workdir, tmp_path, args, message):
-    args = args if any(a.startswith("--out") for a in args) else args + [f"--out={tmp_path}/x.gif"]
-    result = run("sora_jax.generate", f"--workdir={workdir}", *args, check=False)
+def test_generate_rejects_bad_input_with_a_clear_message(workdir, tmp_path, kwargs, message):
+    kwargs = dict(prompts=["a red square"], out=str(tmp_path / "x.gif")) | kwargs
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate.generate(workdir, kwargs.pop("prompts"), kwargs.pop("out"), **kwargs)
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--guidance_interval=0.5"], "--guidance_interval must be 'lo,hi'"),
+    (["--extend=forward", "--frames=12"], "--extend needs the clip"),
+])
+def test_generate_command_line_reports_bad_input(workdir, tmp_path, args, message):
+    result = run("sora_jax.generate", f"--workdir={workdir}", "--prompt=a red square",
+                 f"--out={tmp_path}/x.gif", *args, check=False)
     assert result.returncode != 0
     assert message in result.stderr
 

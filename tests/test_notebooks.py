@@ -6,13 +6,14 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.helpers import tiny_data_dir
+from tests.helpers import laptop_env, tiny_data_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("name", ["quickstart.ipynb"])
 def test_notebook_executes(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", laptop_env()["XLA_FLAGS"])  # the kernel's: one CPU device
     monkeypatch.setenv("SORA_JAX_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("SORA_JAX_NOTEBOOK_DATA_DIR", tiny_data_dir())
     monkeypatch.setenv("SORA_JAX_NOTEBOOK_WORKDIR", str(tmp_path / "workdir"))
