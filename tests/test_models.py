@@ -194,21 +194,30 @@ def test_attention_rejects_unknown_backend_and_cudnn_without_gpu():
             attention(q, k, v, backend="cudnn")
 
 
-# The bf16 matmul --------------------------------------------------------------------------------
+# The custom-gradient matmuls ('bf16', 'f32') ------------------------------------------------------
 
-# (lhs shape, rhs shape, dimension numbers): Dense; DenseGeneral into (3, heads, head_dim) as the
-# qkv projection; out of (heads, head_dim) as the output projection; and an arbitrary layout with
-# a batch axis and a contracted axis first on the left.
+# (lhs shape, rhs shape, dimension numbers): Dense, whose cotangent is larger than its input (the
+# kernel gradient transposes the input) or smaller (it transposes the cotangent); DenseGeneral into
+# (3, heads, head_dim) as the qkv projection; out of (heads, head_dim) as the output projection;
+# contracted axes in another order on each side; layouts with a batch axis and a contracted axis
+# first on the left.
 DOT_LAYOUTS = [
     ((2, 6, 8), (8, 5), (((2,), (0,)), ((), ()))),
+    ((2, 6, 8), (8, 24), (((2,), (0,)), ((), ()))),
+    ((2, 6, 24), (24, 8), (((2,), (0,)), ((), ()))),
     ((2, 6, 8), (8, 3, 2, 4), (((2,), (0,)), ((), ()))),
     ((2, 6, 2, 4), (2, 4, 8), (((2, 3), (0, 1)), ((), ()))),
+    ((4, 3, 7), (7, 3, 5), (((2, 1), (0, 1)), ((), ()))),
     ((5, 3, 7), (3, 4, 5), (((0,), (2,)), ((1,), (0,)))),
+    ((9, 2, 8), (3, 8, 2), (((2,), (1,)), ((1,), (2,)))),
 ]
 
 
 @pytest.mark.parametrize("lhs_shape, rhs_shape, dims", DOT_LAYOUTS)
-def test_bf16_dot_general_matches_f32_forward_and_gradients(lhs_shape, rhs_shape, dims):
+@pytest.mark.parametrize("matmul, tolerance", [("bf16", dict(rtol=2e-2, atol=5e-2)),
+                                               ("f32", dict(rtol=1e-5, atol=1e-5))])
+def test_custom_dot_general_matches_xla_forward_and_gradients(lhs_shape, rhs_shape, dims, matmul,
+                                                              tolerance):
     lhs, rhs = _normal(0, lhs_shape), _normal(1, rhs_shape)
 
     @functools.partial(jax.jit, static_argnums=0)
@@ -216,13 +225,13 @@ def test_bf16_dot_general_matches_f32_forward_and_gradients(lhs_shape, rhs_shape
         out, vjp = jax.vjp(lambda a, b: dot_general(a, b, dims), lhs, rhs)
         return out, vjp(_normal(2, out.shape))
 
-    out, grads = out_and_grads(layers.bf16_dot_general)
+    out, grads = out_and_grads(layers.dense_dot_general(matmul))
     ref_out, ref_grads = out_and_grads(lax.dot_general)
     assert out.dtype == jnp.float32
-    np.testing.assert_allclose(out, ref_out, rtol=2e-2, atol=5e-2)
+    np.testing.assert_allclose(out, ref_out, **tolerance)
     for grad, ref in zip(grads, ref_grads):
         assert grad.dtype == jnp.float32 and grad.shape == ref.shape
-        np.testing.assert_allclose(grad, ref, rtol=2e-2, atol=5e-2)
+        np.testing.assert_allclose(grad, ref, **tolerance)
 
 
 def test_dense_layers_carry_logical_names_and_choose_their_matmul():
