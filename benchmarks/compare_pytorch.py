@@ -34,8 +34,9 @@ ratios ours / PyTorch, model FLOPs per step (ours: `DiT.flops_per_example`; PyTo
 torch's FLOP counter sees plus the attention products, which it does not count on CPU; forward +
 backward = 3x forward), the FLOP/s, and that as a fraction of the matmul peak (bf16 x bf16 -> f32
 for mixed, f32 for f32) measured in the same rounds. torch runs on as many threads as XLA: one per
-CPU this process may use (--threads limits them), under the Makefile's allocator (jemalloc where
-installed). Batches are random arrays made once: this times the steps, not the input pipeline.
+CPU this process may use (--threads limits them), under an allocator that keeps freed pages
+(`benchmarks/common.py`). Batches are random arrays made once: this times the steps, not the input
+pipeline.
 """
 
 import os
