@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # it makes seams across suffixes seamless (experiments/moving_shapes.md) but compiles the
     # decoder's gradient into the sampler, so the few-step runlocal check leaves it off.
     config.sampling = dict(steps=8 if runlocal else 30, guidance=3.0, guidance_rescale=0.0,
-                           guidance_interval=(0.0, 1.0), pixel_guidance=0.0 if runlocal else 100.0)
+                           guidance_interval=(0.0, 1.0), pixel_guidance=0.0 if runlocal else 300.0)
 
     config.optim = dict(
         learning_rate=1e-3,
