@@ -19,12 +19,16 @@ def tiny_data_dir() -> str:
     return data_dir
 
 
-def laptop_env(**extra: str) -> dict[str, str]:
-    """This process's environment for a subprocess that runs as on a laptop: one CPU device, not
-    the suite's 8 emulated ones (the other XLA flags, the compilation cache, stay)."""
+def xla_flags(devices: int) -> str:
+    """This process's XLA flags (the compilation settings of conftest.py), for a subprocess that
+    emulates `devices` CPU devices instead of the suite's 8."""
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {flags}".strip(),
-            **extra}
+    return f"--xla_force_host_platform_device_count={devices} {flags}".strip()
+
+
+def laptop_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a subprocess that runs as on a laptop: one CPU device."""
+    return {**os.environ, "XLA_FLAGS": xla_flags(1), **extra}
 
 
 def one_device() -> list:

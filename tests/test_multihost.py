@@ -3,7 +3,6 @@ exactly as 1 process x 8 devices, and write one checkpoint together."""
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from sora_jax.data import pipeline
 from sora_jax.parallel.mesh import initialize_distributed
 from sora_jax.training.checkpoint import restore_for_inference
 from sora_jax.training.experiment import get_experiment
-from tests.helpers import tiny_config, tiny_data_dir
+from tests.helpers import tiny_config, tiny_data_dir, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3  # step 1 trains at learning rate 0 (warm-up): step 3's loss is the first after an update
@@ -41,12 +40,6 @@ def _config():
     return config
 
 
-def _xla_flags(devices: int) -> str:
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", ""))
-    return f"--xla_force_host_platform_device_count={devices} {flags}".strip()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,7 +52,7 @@ def _train(workdir: str, log: str, devices: int, *flags: str, env: dict | None =
             f"--config.data.data_dir={tiny_data_dir()}", f"--workdir={workdir}", *OVERRIDES, *flags]
     inherited = {k: v for k, v in os.environ.items()  # no distributed settings from outside
                  if not k.startswith("SORA_JAX_") and k != "JAX_COORDINATOR_ADDRESS"}
-    env = {**inherited, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": _xla_flags(devices), **(env or {})}
+    env = {**inherited, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices), **(env or {})}
     with open(log, "w") as out:
         return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
