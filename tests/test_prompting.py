@@ -224,7 +224,8 @@ def test_images_are_scaled_to_cover_and_centre_cropped_and_bad_files_named(tmp_p
 
 
 def test_seam_statistics_compare_seams_with_motion_inside_clips():
-    from sora_jax.eval.prompting_eval import frame_differences, psnr, seam_statistics
+    from sora_jax.eval.prompting_eval import (frame_differences, joined_difference, psnr,
+                                              seam_statistics)
 
     video = np.zeros((1, 6, 4, 4, 3), np.uint8)
     video[0, :, 0, 0] = np.array([0, 10, 20, 80, 90, 100])[:, None]  # a jump into frame 3
@@ -234,4 +235,8 @@ def test_seam_statistics_compare_seams_with_motion_inside_clips():
     assert stats["seam_ratio"] == pytest.approx(6.0)
     wrap = seam_statistics(video, [6])  # the loop's wrap: last frame back to the first
     assert wrap["seam_difference"] == pytest.approx(100 * 3 / 48)
+    both = seam_statistics(video, [3, 6])
+    np.testing.assert_allclose(both["seam_differences"], np.array([60, 100]) * 3 / 48)
+    assert both["seam_difference"] == pytest.approx(80 * 3 / 48)
+    assert joined_difference(video[:, -1], video[:, 0]) == pytest.approx(100 * 3 / 48)
     assert psnr(video, video) > 90 and psnr(np.zeros(4, np.uint8), np.full(4, 255, np.uint8)) == 0

@@ -3,6 +3,7 @@ emulated devices: sharded encoding and decoding equal the unsharded VAE, and the
 split the work (each device needs a fraction of the activation memory; neighbours exchange halos).
 """
 
+import dataclasses
 import math
 
 import jax
@@ -112,3 +113,51 @@ def test_a_batch_that_does_not_split_over_the_batch_axes_is_refused(setup):
     with pytest.raises(ValueError, match="batch of 1"):
         jax.eval_shape(lambda v: vae_sharding.sharded_encode(VAE, setup["params"], v, setup["mesh"],
                                                              batch_axes=("data",)), video)
+
+
+# Wired into the experiment (config.autoencoder.shard_over) --------------------------------------
+
+
+def _latent_experiment(shard_over, **mesh):
+    """The default experiment's runlocal variant with the tiny trained VAE, 17-frame clips."""
+    from configs import moving_shapes
+    from sora_jax.training.experiment import Experiment
+    from tests.helpers import tiny_vae_workdir
+
+    config = moving_shapes.get_config("runlocal")
+    config.autoencoder.workdir = tiny_vae_workdir()
+    config.autoencoder.shard_over = shard_over
+    config.data.frames = 17  # 5 latent frames: 4 after the first split 2 ways
+    config.mesh = {**dict(data=-1, fsdp=1, tensor=1, sequence=1), **mesh}
+    exp = Experiment(config)
+    # The VAE in f32 (trained in bf16), so that split and whole agree to f32 rounding.
+    vae, params = exp.loaded_autoencoder
+    exp.loaded_autoencoder = (dataclasses.replace(vae, dtype="float32"), params)
+    return exp
+
+
+@pytest.mark.parametrize("over", ["frames", "height"])
+def test_experiment_encodes_with_the_vae_split_over_sequence(over):
+    whole, split = _latent_experiment(None), _latent_experiment(over, sequence=2)
+    assert (whole.vae_split, split.vae_split) == (None, over)
+    video = np.random.default_rng(0).uniform(-1, 1, (8, 17, 16, 16, 3)).astype(np.float32)
+    _assert_close(split.encode_video(video), whole.encode_video(video))
+
+
+def test_experiment_samples_with_the_vae_split_over_frames():
+    """The sampler decodes with the split VAE, pixel guidance's decoder gradient included."""
+    whole, split = _latent_experiment(None), _latent_experiment("frames", sequence=2)
+    video = np.random.default_rng(0).uniform(-1, 1, (8, 17, 16, 16, 3)).astype(np.float32)
+    params = jax.device_get(whole.init_state(jax.random.key(0)).groups["dit"].params)
+    text, mask = jax.device_get(whole.text_encoder.encode(["a red square moves left"] * 8))
+    given = dict(given=whole.encode_video(video), given_mask=np.array([[True] + [False] * 4] * 8),
+                 pixels=video, pixel_weight=np.ones((8, 17), np.float32))
+    samples = [exp.make_sampler(steps=2, guidance=2.0, pixel_guidance=10.0)(
+                   params, text, mask, jax.random.key(1), **given) for exp in (whole, split)]
+    _assert_close(samples[1], samples[0])
+
+
+def test_shard_over_is_checked():
+    with pytest.raises(ValueError, match="shard_over='time'; valid: frames, height"):
+        _latent_experiment("time", sequence=2)
+    assert _latent_experiment("frames").vae_split is None  # a sequence axis of one device

@@ -476,6 +476,8 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
                            num_train=256, num_validation=64, num_test=64),
         MovingShapesConfig(name="f9_s16", description="9 frames of 16x16, the CPU default.",
                            frames=9, height=16, width=16),
+        MovingShapesConfig(name="f17_s16", description="17 frames of 16x16: room for long "
+                           "transitions (loops, connections).", frames=17, height=16, width=16),
         MovingShapesConfig(name="f9_s32", description="9 frames of 32x32.",
                            frames=9, height=32, width=32),
         MovingShapesConfig(name="f17_s64", description="17 frames of 64x64.",

@@ -17,7 +17,15 @@ and reports, as JSON:
     seam_ratio          mean absolute difference between the two frames of a seam (generated
                         next to given, and the wrap of a loop) over the mean difference between
                         consecutive frames away from seams, over all videos: 1 is a seam no
-                        harder than the motion inside clips (target <= 1.5)
+                        harder than the motion inside clips (target <= 1.5);
+                        seam_differences: the mean difference at each seam position
+    joined_difference   (loop, connect) mean difference between the two given frames the
+                        transition joins (the clip's last and first, or A's last and B's first),
+                        and even_step_ratio: that over the transition's steps (frames + 1) and
+                        the interior difference, the seam ratio of a transition whose steps all
+                        change the frame alike, as a cross-fade does. The steps of any transition
+                        add up to at least the joined difference (triangle inequality), so a
+                        transition with even steps cannot have a lower seam ratio than this
     adherence           the detector's scores of the generated frames against the caption
                         (`eval.detector.score`); for edit, the new colour, and
     trajectory_error    (edit) mean distance between the object's centroids in the edited and
@@ -52,20 +60,27 @@ def frame_differences(video: np.ndarray) -> np.ndarray:
 def seam_statistics(videos: np.ndarray, seams: list[int]) -> dict[str, float]:
     """Seam and interior frame differences of uint8 videos [B, T, ...] sharing seam positions; a
     seam at T is the wrap from the last frame to the first."""
-    at_seams, inside = [], []
+    at_seams, inside = [], []  # at_seams[video][seam]
     for video in videos:
         steps = frame_differences(video)
         interior = np.ones(len(steps), bool)
+        at_seams.append([])
         for s in seams:
             if s == video.shape[0]:
-                at_seams.append(frame_differences(video[[-1, 0]])[0])
+                at_seams[-1].append(frame_differences(video[[-1, 0]])[0])
             else:
-                at_seams.append(steps[s - 1])
+                at_seams[-1].append(steps[s - 1])
                 interior[s - 1] = False
         inside.extend(steps[interior])
     seam, typical = float(np.mean(at_seams)), float(np.mean(inside))
     return {"seam_difference": seam, "interior_difference": typical,
-            "seam_ratio": seam / max(typical, 1e-6)}
+            "seam_ratio": seam / max(typical, 1e-6),
+            "seam_differences": [float(d) for d in np.mean(at_seams, axis=0)]}
+
+
+def joined_difference(ends: np.ndarray, starts: np.ndarray) -> float:
+    """Mean difference between the frames a transition joins: uint8 [B, H, W, 3] each."""
+    return float(np.abs(ends.astype(np.float32) - starts.astype(np.float32)).mean())
 
 
 def _edited_caption(prompt: dict[str, Any], index: int) -> tuple[str, str]:
@@ -162,6 +177,14 @@ def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=No
         result["given_psnr"] = psnr(given, decoded)
     if seams:
         result.update(seam_statistics(videos, seams))
+    if task in ("loop", "connect"):
+        ends = to_uint8(clips[:num_prompts, -1])
+        starts = to_uint8(clips[1:num_prompts + 1, 0] if task == "connect"
+                          else clips[:num_prompts, 0])
+        joined = joined_difference(ends, starts)
+        result["joined_difference"] = joined
+        result["even_step_ratio"] = (joined / (result["generated_frames"] + 1)
+                                     / max(result["interior_difference"], 1e-6))
     if task == "edit":
         result["strength"] = strength
         result.update(_edit_measures(videos, (clips[:num_prompts] + 1) * 127.5, attributes))

@@ -134,6 +134,10 @@ def _apply_frames(vae, mesh, axis, net_params, first, rest, method):
                                    mutable=["cache"])
         return out
 
+    # Every device takes the first frame's cache whole, so its gradient is summed over `axis`:
+    # in f32, as XLA's CPU compiler fails on a bf16 all-reduce there (the convolutions cast the
+    # past back to their own dtype).
+    cache = jax.tree.map(lambda c: c.astype(jnp.float32), cache)
     split = P(None, axis)
     out_rest = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), split), out_specs=split,
                              axis_names={axis})(net_params, cache, rest)

@@ -34,6 +34,7 @@ from sora_jax.models.patch import grid_size
 from sora_jax.training import autoencoders as autoencoder_lib
 from sora_jax.parallel import context as context_lib
 from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.parallel import vae_sharding
 from sora_jax.training import state as state_lib
 from sora_jax.training.step import (make_eval_step, make_packed_eval_step,
                                     make_packed_train_step, make_train_step)
@@ -281,6 +282,24 @@ class Experiment(ExperimentBase):
             rope_scale=self._rope_scale(),
         )
         self.batcher = self._make_batcher() if c.data.get("batching") else None
+        self.vae_split = self._vae_split()
+
+    def _vae_split(self) -> str | None:
+        """How encoding and decoding split a clip over the mesh's `sequence` axis:
+        config.autoencoder.shard_over, 'frames' or 'height' (parallel/vae_sharding.py), for a
+        causal VAE on a mesh whose `sequence` axis has more than one device; None runs the
+        autoencoder whole on every device of that axis (the default)."""
+        over = self.config.autoencoder.get("shard_over")
+        if over is None:
+            return None
+        if over not in vae_sharding.OVER:
+            raise ValueError(f"config.autoencoder.shard_over={over!r}; valid: "
+                             f"{', '.join(vae_sharding.OVER)}, or None to run it whole.")
+        if self.config.autoencoder.kind != "causal_vae":
+            raise ValueError("config.autoencoder.shard_over splits the causal VAE "
+                             f"(kind 'causal_vae'), not kind {self.config.autoencoder.kind!r}; "
+                             "leave it None.")
+        return over if self.mesh.shape["sequence"] > 1 else None
 
     def _rope_scale(self) -> tuple[float, float, float]:
         """RoPE position factors for the config's clip size (see `DiT.rope_scale`).
@@ -399,9 +418,28 @@ class Experiment(ExperimentBase):
         features = packing_lib.size_features(d.frames, d.get("fps", DEFAULT_FPS), d.height, d.width)
         return jnp.tile(jnp.asarray(features)[None], (batch, 1))
 
+    def autoencoder_call(self, method: str):
+        """`method` ('encode' or 'decode') of the loaded autoencoder as f(params, x), split over
+        the mesh's `sequence` axis as `vae_split` says (the batch over the mesh's batch axes
+        where it divides evenly, else whole on each)."""
+        autoencoder = self.loaded_autoencoder[0]
+        if self.vae_split is None:
+            return getattr(autoencoder, method)
+        split = {"encode": vae_sharding.sharded_encode,
+                 "decode": vae_sharding.sharded_decode}[method]
+        spec = mesh_lib.batch_sharding(self.mesh, self.rules, 1).spec[0]
+        batch_axes = tuple(a for a in (spec if isinstance(spec, tuple) else (spec,)) if a)
+
+        def call(params, x):
+            ways = math.prod(self.mesh.shape[a] for a in batch_axes)
+            return split(autoencoder, params, x, self.mesh, over=self.vae_split,
+                         batch_axes=batch_axes if x.shape[0] % ways == 0 else ())
+
+        return call
+
     @functools.cached_property
     def _encode(self):
-        return jax.jit(self.loaded_autoencoder[0].encode)
+        return jax.jit(self.autoencoder_call("encode"))
 
     def encode_video(self, video: np.ndarray) -> np.ndarray:
         """Pixels [B, T, H, W, 3] in [-1, 1] -> the latents the DiT is trained on."""
@@ -590,11 +628,11 @@ class Experiment(ExperimentBase):
             correct = None
             if pixels is not None and pixel_guidance > 0:
                 correct = sampling_lib.pixel_guidance(
-                    lambda z: autoencoder.decode(autoencoder_params, z), *pixels, pixel_guidance)
+                    lambda z: decode(autoencoder_params, z), *pixels, pixel_guidance)
             latent = euler_sample(self.flow, denoise, noise, cond, uncond, steps=steps,
                                   guidance=settings, temporal_patch=self.temporal_patch,
                                   **(given or {}), init=init, start=start, correct=correct)
-            return jnp.clip(autoencoder.decode(autoencoder_params, latent), -1.0, 1.0)
+            return jnp.clip(decode(autoencoder_params, latent), -1.0, 1.0)
 
         def run(params, text, text_mask, rng, negative_text=None, negative_mask=None, *,
                 given=None, given_mask=None, init=None, start=0, pixels=None, pixel_weight=None):
@@ -611,7 +649,8 @@ class Experiment(ExperimentBase):
                 return jitted(params, autoencoder_params, text, text_mask, rng, negative, given,
                               init, jnp.int32(start), pixels)
 
-        autoencoder, autoencoder_params = self.loaded_autoencoder
+        autoencoder_params = self.loaded_autoencoder[1]
+        decode = self.autoencoder_call("decode")
         # Replicated videos: every process can read them (on several, device_get needs that).
         jitted = jax.jit(sample, out_shardings=mesh_lib.replicated(self.mesh))
         return run
