@@ -191,7 +191,8 @@ def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=No
     else:
         result["adherence"] = detector.score(videos[:, generated_masks], attributes)
     out_dir = os.path.join(workdir, "eval")
-    name = f"step_{step:06d}_{split}_{task}_g{settings['guidance']:g}_s{steps}"
+    name = (f"step_{step:06d}_{split}_{task}_g{settings['guidance']:g}_s{steps}"
+            f"_{videos.shape[1]}f")  # output frames: --frames (and the task) set them
     if settings["pixel_guidance"]:
         name += f"_pg{settings['pixel_guidance']:g}"
     write_video(os.path.join(out_dir, name + ".gif"), videos[:16])
