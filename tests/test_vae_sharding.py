@@ -24,16 +24,22 @@ SHAPE = (2, 33, 64, 64, 3)
 SPLIT = 4  # devices on the `sequence` axis; the batch goes over `data`'s 2
 
 
+def _random_vae_params(vae, rng: np.random.Generator):
+    """Random N(0, 1 / fan_in) weights from numpy: compiling the initialiser would cost more than
+    the test."""
+    net = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, math.prod(s.shape[:-1]) ** -0.5,
+                                                        s.shape), jnp.float32),
+                       jax.eval_shape(vae.init_net, jax.random.key(0)))
+    channels = vae.latent_channels
+    return {"net": net, "shift": jnp.full((channels,), 0.1), "scale": jnp.full((channels,), 1.5)}
+
+
 @pytest.fixture(scope="module")
 def setup():
     mesh = make_mesh(dict(data=2, sequence=SPLIT))
     rng = np.random.default_rng(0)
-    # Random N(0, 1 / fan_in) weights from numpy: compiling the initialiser would cost more than
-    # the test.
-    net = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, math.prod(s.shape[:-1]) ** -0.5,
-                                                        s.shape), jnp.float32),
-                       jax.eval_shape(VAE.init_net, jax.random.key(0)))
-    params = {"net": net, "shift": jnp.array([0.1, -0.2]), "scale": jnp.array([1.5, 0.7])}
+    params = dict(_random_vae_params(VAE, rng), shift=jnp.array([0.1, -0.2]),
+                  scale=jnp.array([1.5, 0.7]))
     video = jnp.asarray(rng.uniform(-1.0, 1.0, SHAPE), jnp.float32)
     encode = jax.jit(VAE.encode).lower(params, video).compile()
     latent = encode(params, video)
@@ -90,6 +96,17 @@ def test_sharded_decode_equals_decode_with_the_work_split(setup, over):
         assert video.sharding.shard_shape(video.shape) == (1, 33, 64 // SPLIT, 64, 3)
 
 
+def test_a_bf16_vae_split_over_frames_has_a_gradient(setup):
+    """The split's gradient sums the first frame's cache over the devices: in f32, as XLA's CPU
+    compiler fails on that all-reduce in bf16."""
+    vae = dataclasses.replace(VAE, dtype="bfloat16")
+    z = jnp.asarray(np.random.default_rng(2).normal(size=(2, 9, 4, 4, 2)), jnp.float32)
+    energy = lambda decode: jax.jit(jax.grad(lambda z: jnp.sum(decode(z).astype(jnp.float32) ** 2)))
+    split = energy(lambda z: vae_sharding.sharded_decode(vae, setup["params"], z, setup["mesh"]))(z)
+    whole = energy(lambda z: vae.decode(setup["params"], z))(z)
+    np.testing.assert_allclose(split, whole, atol=0.02 * np.abs(whole).max())
+
+
 @pytest.mark.parametrize("frames, problem", [
     (9, "at least 2"),   # 5 latent frames: one per device after the first
     (11, "1 \\+ 4 \\* j latent frames"),  # 6 latent frames: 5 do not split 4 ways
@@ -118,43 +135,47 @@ def test_a_batch_that_does_not_split_over_the_batch_axes_is_refused(setup):
 # Wired into the experiment (config.autoencoder.shard_over) --------------------------------------
 
 
+# The runlocal DiT's geometry (4x in time and space, 4 channels) with random weights.
+DIT_VAE = vae_lib.CausalVAE(widths=(4, 8, 8), num_groups=2, patch_size=2, latent_channels=4,
+                            temporal_compression=4, spatial_compression=4, mid_attention=False)
+
+
 def _latent_experiment(shard_over, **mesh):
-    """The default experiment's runlocal variant with the tiny trained VAE, 17-frame clips."""
+    """The default experiment's runlocal variant on 17-frame clips, with `DIT_VAE`."""
     from configs import moving_shapes
     from sora_jax.training.experiment import Experiment
-    from tests.helpers import tiny_vae_workdir
 
     config = moving_shapes.get_config("runlocal")
-    config.autoencoder.workdir = tiny_vae_workdir()
     config.autoencoder.shard_over = shard_over
     config.data.frames = 17  # 5 latent frames: 4 after the first split 2 ways
     config.mesh = {**dict(data=-1, fsdp=1, tensor=1, sequence=1), **mesh}
     exp = Experiment(config)
-    # The VAE in f32 (trained in bf16), so that split and whole agree to f32 rounding.
-    vae, params = exp.loaded_autoencoder
-    exp.loaded_autoencoder = (dataclasses.replace(vae, dtype="float32"), params)
+    exp.loaded_autoencoder = (DIT_VAE, _random_vae_params(DIT_VAE, np.random.default_rng(0)))  # instead of a trained one
     return exp
 
 
-@pytest.mark.parametrize("over", ["frames", "height"])
-def test_experiment_encodes_with_the_vae_split_over_sequence(over):
-    whole, split = _latent_experiment(None), _latent_experiment(over, sequence=2)
-    assert (whole.vae_split, split.vae_split) == (None, over)
-    video = np.random.default_rng(0).uniform(-1, 1, (8, 17, 16, 16, 3)).astype(np.float32)
-    _assert_close(split.encode_video(video), whole.encode_video(video))
-
-
-def test_experiment_samples_with_the_vae_split_over_frames():
-    """The sampler decodes with the split VAE, pixel guidance's decoder gradient included."""
+def test_experiment_encodes_and_samples_with_the_vae_split_over_frames():
+    """Encoding, and the sampler's decoding (pixel guidance's decoder gradient included), with
+    the VAE split over frames equal the whole VAE's."""
     whole, split = _latent_experiment(None), _latent_experiment("frames", sequence=2)
+    assert (whole.vae_split, split.vae_split) == (None, "frames")
     video = np.random.default_rng(0).uniform(-1, 1, (8, 17, 16, 16, 3)).astype(np.float32)
+    latent = whole.encode_video(video)
+    _assert_close(split.encode_video(video), latent)
     params = jax.device_get(whole.init_state(jax.random.key(0)).groups["dit"].params)
     text, mask = jax.device_get(whole.text_encoder.encode(["a red square moves left"] * 8))
-    given = dict(given=whole.encode_video(video), given_mask=np.array([[True] + [False] * 4] * 8),
+    given = dict(given=latent, given_mask=np.array([[True] + [False] * 4] * 8),
                  pixels=video, pixel_weight=np.ones((8, 17), np.float32))
-    samples = [exp.make_sampler(steps=2, guidance=2.0, pixel_guidance=10.0)(
+    samples = [exp.make_sampler(steps=1, guidance=2.0, pixel_guidance=10.0)(
                    params, text, mask, jax.random.key(1), **given) for exp in (whole, split)]
     _assert_close(samples[1], samples[0])
+
+
+def test_experiment_encodes_with_the_vae_split_over_height():
+    whole, split = _latent_experiment(None), _latent_experiment("height", sequence=2)
+    assert split.vae_split == "height"
+    video = np.random.default_rng(0).uniform(-1, 1, (8, 5, 16, 16, 3)).astype(np.float32)
+    _assert_close(split.encode_video(video), whole.encode_video(video))
 
 
 def test_shard_over_is_checked():
