@@ -3,6 +3,7 @@ exactly as 1 process x 8 devices, and write one checkpoint together."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -141,6 +142,42 @@ def test_only_process_zero_writes_config_metrics_and_samples(runs):
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["mesh"]["fsdp"] == 8
     assert not [f for f in os.listdir(workdir) if f.endswith(".tmp")]
+
+
+def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path):
+    """A preemption notice to one process reaches the other through jax's preemption service:
+    both save one checkpoint at the same step and exit cleanly."""
+    workdir, port = str(tmp_path / "preempted"), _free_port()
+    logs = [str(tmp_path / f"process{i}.log") for i in range(2)]
+    long_run = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
+                "--config.train.eval_every=100000", "--config.train.sample_every=100000"]
+    procs = [_train(workdir, logs[i], 4, f"--coordinator_address=localhost:{port}",
+                    "--num_processes=2", f"--process_id={i}", *long_run) for i in range(2)]
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        metrics = os.path.join(workdir, "metrics.jsonl")
+        while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), (
+                "training did not start:\n" + "\n".join(open(log).read()[-2000:] for log in logs))
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)  # process 0 is not told
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    tails = "\n".join(f"--- {log}:\n{open(log).read()[-2000:]}" for log in logs)
+    assert [p.returncode for p in procs] == [0, 0], tails
+    steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert len(steps) == 1 and 2 <= steps[0] < 100000, steps
+    data = os.path.join(workdir, "checkpoints", str(steps[0]), "data")
+    assert sorted(f for f in os.listdir(data) if f.endswith(".json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    for log in logs:
+        assert f"saving a checkpoint at step {steps[0]} before exiting" in open(log).read(), tails
+    assert max(_losses(workdir)) == steps[0]
 
 
 # The data pipeline's half of the invariant, without processes.

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost
 
 from sora_jax.data import latent_cache, pipeline
@@ -76,18 +77,35 @@ def wait_for_every_process(name: str) -> None:
 
 
 class _Preemption:
-    """Turns SIGTERM (TPU preemption, job schedulers) into a flag the loop polls between steps."""
+    """SIGTERM (TPU preemption, job schedulers) as a step at which to save and stop.
+
+    One process: a handler sets a flag that the loop polls between steps. Several: jax's
+    preemption service (started by `jax.distributed.initialize`) owns SIGTERM. A notice to any
+    process reaches all of them, and `reached_preemption_sync_point` names the same step on every
+    process, so they save one checkpoint together. A Python handler would take the signal from the
+    service, and a process saving alone would wait forever for the others.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._distributed = False
 
     def __enter__(self):
+        self._distributed = jax.process_count() > 1
+        if self._distributed:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no handler, nothing to restore
             self._previous = None
         return self
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and stop before `step`; on several processes, called at every step."""
+        if self._distributed:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def _handle(self, signum, frame):
         del signum, frame
@@ -214,7 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
     batches = exp.train_batches(train_iter)  # device batches from the host batches
     with _Preemption() as preemption, exp.activate():
         while step < c.train.num_steps:
-            if preemption.requested:
+            if preemption.should_stop(step):
                 logging.warning("SIGTERM: saving a checkpoint at step %d before exiting.", step)
                 save(step)
                 break
