@@ -111,11 +111,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def batch_axes(rules) -> tuple[str, ...]:
+    """The mesh axes the batch is split over, by the logical-axis rules."""
+    spec = nn.logical_to_mesh_axes(("act_batch",), rules)[0]
+    return spec if isinstance(spec, tuple) else ((spec,) if spec else ())
+
+
 def batch_axis_size(mesh: Mesh, rules) -> int:
     """How many ways the batch is split: the global batch must be a multiple of this."""
-    spec = nn.logical_to_mesh_axes(("act_batch",), rules)[0]
-    axes = spec if isinstance(spec, tuple) else ((spec,) if spec else ())
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in batch_axes(rules))
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -427,11 +427,10 @@ class Experiment(ExperimentBase):
             return getattr(autoencoder, method)
         split = {"encode": vae_sharding.sharded_encode,
                  "decode": vae_sharding.sharded_decode}[method]
-        spec = mesh_lib.batch_sharding(self.mesh, self.rules, 1).spec[0]
-        batch_axes = tuple(a for a in (spec if isinstance(spec, tuple) else (spec,)) if a)
+        batch_axes = mesh_lib.batch_axes(self.rules)
+        ways = mesh_lib.batch_axis_size(self.mesh, self.rules)
 
         def call(params, x):
-            ways = math.prod(self.mesh.shape[a] for a in batch_axes)
             return split(autoencoder, params, x, self.mesh, over=self.vae_split,
                          batch_axes=batch_axes if x.shape[0] % ways == 0 else ())
 
