@@ -149,9 +149,11 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path):
     both save one checkpoint at the same step and exit cleanly."""
     workdir, port = str(tmp_path / "preempted"), _free_port()
     logs = [str(tmp_path / f"process{i}.log") for i in range(2)]
+    # One device a process, data parallel: the protocol, not the partitioning, is under test.
     long_run = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
-                "--config.train.eval_every=100000", "--config.train.sample_every=100000"]
-    procs = [_train(workdir, logs[i], 4, f"--coordinator_address=localhost:{port}",
+                "--config.train.eval_every=100000", "--config.train.sample_every=100000",
+                "--config.mesh.data=2", "--config.mesh.fsdp=1"]
+    procs = [_train(workdir, logs[i], 1, f"--coordinator_address=localhost:{port}",
                     "--num_processes=2", f"--process_id={i}", *long_run) for i in range(2)]
     try:
         deadline = time.monotonic() + TIMEOUT_S
