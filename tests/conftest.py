@@ -18,7 +18,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 # workers in collection order, so the short files fill in at the end instead of one long file
 # running alone on one worker while the other idles.
 LONGEST_FIRST = ("test_multihost.py", "test_configs.py", "test_notebooks.py", "test_vae_training.py",
-                 "test_training.py", "test_entry_points.py")
+                 "test_training.py", "test_entry_points.py", "test_prompting.py",
+                 "test_vae_sharding.py")
 
 
 def pytest_collection_modifyitems(items):
