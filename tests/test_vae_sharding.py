@@ -150,7 +150,8 @@ def _latent_experiment(shard_over, **mesh):
     config.data.frames = 17  # 5 latent frames: 4 after the first split 2 ways
     config.mesh = {**dict(data=-1, fsdp=1, tensor=1, sequence=1), **mesh}
     exp = Experiment(config)
-    exp.loaded_autoencoder = (DIT_VAE, _random_vae_params(DIT_VAE, np.random.default_rng(0)))  # instead of a trained one
+    # Instead of a trained VAE:
+    exp.loaded_autoencoder = (DIT_VAE, _random_vae_params(DIT_VAE, np.random.default_rng(0)))
     return exp
 
 
@@ -182,3 +183,10 @@ def test_shard_over_is_checked():
     with pytest.raises(ValueError, match="shard_over='time'; valid: frames, height"):
         _latent_experiment("time", sequence=2)
     assert _latent_experiment("frames").vae_split is None  # a sequence axis of one device
+    from sora_jax.training.experiment import Experiment
+    from tests.helpers import tiny_config
+
+    config = tiny_config()  # pixel space: the identity autoencoder
+    config.autoencoder.shard_over = "frames"
+    with pytest.raises(ValueError, match="splits the causal VAE .* not kind 'identity'"):
+        Experiment(config)

@@ -88,6 +88,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.text.get("dtype", "float32") not in DTYPES:
         raise ValueError(f"config.text.dtype={config.text.dtype!r}; valid: {sorted(DTYPES)}.")
     autoencoder = autoencoder_lib.declared_autoencoder(config.autoencoder)
+    over = config.autoencoder.get("shard_over")
+    if over is not None and over not in vae_sharding.OVER:
+        raise ValueError(f"config.autoencoder.shard_over={over!r}; valid: "
+                         f"{', '.join(vae_sharding.OVER)}, or None to run it whole.")
+    if over is not None and config.autoencoder.kind != "causal_vae":
+        raise ValueError("config.autoencoder.shard_over splits the causal VAE (kind "
+                         f"'causal_vae'), not kind {config.autoencoder.kind!r}; leave it None.")
     patch_lib.check_tileable(data.frames, data.height, data.width, tuple(model.patch_size),
                              autoencoder.temporal_compression, autoencoder.spatial_compression)
     RectifiedFlow(**config.diffusion)
@@ -282,24 +289,12 @@ class Experiment(ExperimentBase):
             rope_scale=self._rope_scale(),
         )
         self.batcher = self._make_batcher() if c.data.get("batching") else None
-        self.vae_split = self._vae_split()
-
-    def _vae_split(self) -> str | None:
-        """How encoding and decoding split a clip over the mesh's `sequence` axis:
-        config.autoencoder.shard_over, 'frames' or 'height' (parallel/vae_sharding.py), for a
-        causal VAE on a mesh whose `sequence` axis has more than one device; None runs the
-        autoencoder whole on every device of that axis (the default)."""
-        over = self.config.autoencoder.get("shard_over")
-        if over is None:
-            return None
-        if over not in vae_sharding.OVER:
-            raise ValueError(f"config.autoencoder.shard_over={over!r}; valid: "
-                             f"{', '.join(vae_sharding.OVER)}, or None to run it whole.")
-        if self.config.autoencoder.kind != "causal_vae":
-            raise ValueError("config.autoencoder.shard_over splits the causal VAE "
-                             f"(kind 'causal_vae'), not kind {self.config.autoencoder.kind!r}; "
-                             "leave it None.")
-        return over if self.mesh.shape["sequence"] > 1 else None
+        # How encoding and decoding split a clip over the mesh's `sequence` axis
+        # (config.autoencoder.shard_over: 'frames' or 'height', parallel/vae_sharding.py); None
+        # runs the autoencoder whole on every device of that axis (the default, and always on a
+        # `sequence` axis of one device).
+        over = c.autoencoder.get("shard_over")
+        self.vae_split = over if self.mesh.shape["sequence"] > 1 else None
 
     def _rope_scale(self) -> tuple[float, float, float]:
         """RoPE position factors for the config's clip size (see `DiT.rope_scale`).
