@@ -7,7 +7,10 @@ The backends compute the same function; the config picks one per platform:
            x f32 for f32 inputs) in a layout the CPU's fast matmul library takes.
   'cudnn'  cuDNN's fused kernel (GPU only).
   'splash' the Pallas splash-attention kernel: native on TPU, elsewhere run by the Pallas interpreter
-           (slow; for tests). It takes segment ids and key padding, no other mask and no bias.
+           (slow; for tests). It takes segment ids and key padding, no other mask and no bias. XLA
+           cannot split a kernel over devices: given the layout of q, k and v over the active mesh
+           (`spec`), it runs under `shard_map`, one kernel per device on that device's examples
+           and heads, with no all-gather.
 Softmax is computed in f32. Masked logits get a large finite negative value, so a query whose keys are
 all masked gets the mean of all values ('splash': of the values padded to its block size) rather than NaN.
 
@@ -23,11 +26,13 @@ the result is the same function.
 """
 
 import functools
+import math
 
 import einops
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from sora_jax.parallel import context
@@ -44,7 +49,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
               bias: jax.Array | None = None, scale: float | None = None,
               q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
               backend: str = "xla", context_parallel: str = "none", kv_replicated: bool = False,
-              sequence_axis: str = "sequence") -> jax.Array:
+              sequence_axis: str = "sequence", spec: P | None = None) -> jax.Array:
     """Multi-head attention.
 
     q: [B, Lq, H, D]; k, v: [B, Lk, H, D], all of one dtype.
@@ -59,6 +64,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
       `sequence_axis` has n > 1 devices, q is split along its length over it, and so are k and v unless
       kv_replicated (a short context every device holds whole, as in cross-attention to text). Takes
       no bias, and a mask only as key padding. Without such a mesh it changes nothing.
+    spec: the PartitionSpec of q, k and v [B, L, H, D] over the active mesh, as the caller laid them
+      out (e.g. `nn.logical_to_mesh_axes` of their logical axes). 'splash' splits its kernel over
+      the mesh axes of the batch and heads entries (those that divide them); the others ignore it.
+      None: 'splash' runs on whole arrays, which XLA gathers onto every device.
     Returns [B, Lq, H, D] in q's dtype.
     """
     if backend not in BACKENDS:
@@ -70,13 +79,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
             raise ValueError(f"context_parallel={context_parallel!r} takes no bias; use "
                              f"context_parallel='none'")
         return context.context_parallel_attention(
-            q, k, v, method=context_parallel, local_attention=functools.partial(attention, backend=backend),
+            q, k, v, method=context_parallel,
+            local_attention=functools.partial(attention, backend=backend, spec=spec),
             kv_replicated=kv_replicated, mask=mask, segment_ids=segment_ids, scale=scale,
             axis_name=sequence_axis)
     if backend == "splash":
         if bias is not None:
             raise ValueError("attention backend 'splash' takes no bias; use 'xla' or 'cudnn'")
-        return _splash_attention(q, k, v, mask, segment_ids, q.shape[-1] ** -0.5 if scale is None else scale)
+        return _splash_attention(q, k, v, mask, segment_ids,
+                                 q.shape[-1] ** -0.5 if scale is None else scale, spec)
     if segment_ids is not None:
         same = segment_ids[0][:, None, :, None] == segment_ids[1][:, None, None, :]
         mask = same if mask is None else jnp.logical_and(mask, same)
@@ -117,13 +128,24 @@ def _checked_segment_ids(q, k, q_ids, kv_ids):
     return jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)
 
 
-def _splash_attention(q, k, v, mask, segment_ids, scale):
-    """The splash kernel per example on [H, L, D], with the sequences padded to its block sizes.
+def _splash_attention(q, k, v, mask, segment_ids, scale, spec):
+    """The splash kernel on whole sequences, per shard of batch and heads under `spec` (see
+    `attention`); a key-padding mask and block padding become segment ids no query matches."""
+    ids = _splash_segment_ids(q, k, mask, segment_ids)
+    batch, heads = _splash_shards(spec, q.shape)
+    local = functools.partial(_splash_local, scale=scale)
+    if not batch + heads:
+        return local(q, k, v, ids)
+    x, rows = P(batch or None, None, heads or None, None), P(batch or None, None)
+    # Inside context parallelism's shard_map this one is manual over the other axes as well.
+    return jax.shard_map(local, in_specs=(x, x, x, (rows, rows)), out_specs=x,
+                         axis_names=set(batch + heads), check_vma=False)(q, k, v, ids)
 
-    Without segment ids every token gets id 0; a key-padding mask becomes the id _UNMATCHED on the masked
-    keys, as do the keys added as block padding (the queries added are cut off again).
-    """
-    (b, lq, heads, _), lk = q.shape, k.shape[1]
+
+def _splash_segment_ids(q, k, mask, segment_ids):
+    """(q_ids [B, Lq], kv_ids [B, Lk]): every token id 0 without segment ids, and the id _UNMATCHED
+    on the keys a key-padding mask masks."""
+    (b, lq), lk = q.shape[:2], k.shape[1]
     q_ids, kv_ids = segment_ids or (jnp.zeros((b, lq), jnp.int32), jnp.zeros((b, lk), jnp.int32))
     if mask is not None:
         mask = jnp.asarray(mask, bool)
@@ -133,12 +155,38 @@ def _splash_attention(q, k, v, mask, segment_ids, scale):
                              f"[B, 1, 1, Lk], got {list(mask.shape)}; express other masks as segment "
                              f"ids, or use 'xla'")
         kv_ids = jnp.where(jnp.broadcast_to(mask[:, 0, 0], kv_ids.shape), kv_ids, _UNMATCHED)
+    return q_ids, kv_ids
+
+
+def _splash_shards(spec, shape):
+    """The mesh axes to split the kernel's batch and heads over: those of `spec`'s entries for them
+    that are automatic in the active mesh (not already manual, as in a shard_map) with more than one
+    device, when together they divide the dimension; otherwise none for that dimension."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if spec is None or mesh.empty:
+        return (), ()
+    auto = {name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+            if kind != jax.sharding.AxisType.Manual and mesh.shape[name] > 1}
+
+    def axes(entry, size):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        names = tuple(name for name in names if name in auto)
+        return names if size % math.prod(mesh.shape[name] for name in names) == 0 else ()
+
+    spec = tuple(spec) + (None,) * (4 - len(spec))
+    return axes(spec[0], shape[0]), axes(spec[2], shape[2])
+
+
+def _splash_local(q, k, v, ids, *, scale):
+    """The kernel on one device's [B, L, H, D] blocks, the sequences padded to its 128-token blocks
+    (the queries added are cut off again)."""
+    (_, lq, heads, _), lk = q.shape, k.shape[1]
     lq_padded, lk_padded = _round_up(lq, _SPLASH_LANES), _round_up(lk, _SPLASH_LANES)
     to_rows = lambda x, length: jnp.pad(einops.rearrange(x, "b l h d -> b h l d"),
                                         ((0, 0), (0, 0), (0, length - x.shape[1]), (0, 0)))
     ids = splash.SegmentIds(
-        q=jnp.pad(q_ids, ((0, 0), (0, lq_padded - lq)), constant_values=_UNMATCHED),
-        kv=jnp.pad(kv_ids, ((0, 0), (0, lk_padded - lk)), constant_values=_UNMATCHED))
+        q=jnp.pad(ids[0], ((0, 0), (0, lq_padded - lq)), constant_values=_UNMATCHED),
+        kv=jnp.pad(ids[1], ((0, 0), (0, lk_padded - lk)), constant_values=_UNMATCHED))
     kernel = _splash_kernel(heads, lq_padded, lk_padded, jax.default_backend() != "tpu")
     # The kernel takes no scale: scaling q spares a pass over the logits anyway.
     out = jax.vmap(kernel)(to_rows((q * scale).astype(q.dtype), lq_padded), to_rows(k, lk_padded),

@@ -85,7 +85,7 @@ class Attention(nn.Module):
         # Under context parallelism the tokens are split over the mesh; a text context stays whole.
         out = attention(q, k, v, mask=mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                         backend=self.backend, context_parallel=self.context_parallel,
-                        kv_replicated=context is not None)
+                        kv_replicated=context is not None, spec=nn.logical_to_mesh_axes(_HEADS))
         return proj(width, ("heads", "head_dim", "embed"), axis=(-2, -1), kernel_init=self.out_init,
                     name="out")(out)
 
