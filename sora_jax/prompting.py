@@ -22,6 +22,11 @@ frame from c frames with the past as context, and training clips always start wi
             (the lone frame) is dropped, and the other s (c frames each, encoded with that frame as
             context) end the window, where they decode to frames 1..c*s of those frames. The
             window's frame before them stands in for frame 0, which the output keeps as given.
+    end     with a DiT trained on end_image masks (diffusion/masks.py), connections and loops give
+            the next clip's first frame on its own instead of a suffix: encoded alone, it is the
+            window's last latent frame, at which the generated latents before it end (as a
+            training clip's second-last latent frame ends on the frame of its end image). The DiT
+            then sees that frame itself, not latents encoded relative to it.
     edit    the whole clip encoded.
 
 Given latents fix what the DiT sees, not how the generated frames decode next to given pixels: a
@@ -150,6 +155,7 @@ class Prompter:
         self.sampler = exp.make_sampler(steps=steps, **guidance)
         self.c = getattr(exp.autoencoder, "temporal_compression", 1)
         self.window = exp.latent_shape[0]  # latent frames per window
+        self.end_image = exp.end_frame is not None  # connections end on an end image
         self.frames = exp.config.data.frames  # pixel frames per window
         self.height, self.width = exp.config.data.height, exp.config.data.width
 
@@ -180,19 +186,25 @@ class Prompter:
 
     # One window ----------------------------------------------------------------------------------
 
-    def sample_window(self, text, mask, rng, *, prefix=None, suffix=None, negative=None,
+    def sample_window(self, text, mask, rng, *, prefix=None, suffix=None, end=None, negative=None,
                       window: int | None = None) -> np.ndarray:
         """Decoded window [B, 1 + c (n - 1), H, W, 3] of n = `window` latent frames (default the
         sampling size's), beginning with `prefix` frames [B, 1 + c p, H, W, 3] (p + 1 latents) and
-        ending with `suffix` frames [B, 1 + c s, H, W, 3] (s latents), as the module docstring
-        lays them out. With `pixel_guidance`, sampling is also pulled toward these pixels where they
-        fall in the decoded window."""
+        ending with `suffix` frames [B, 1 + c s, H, W, 3] (s latents) or with an `end` image
+        [B, H, W, 3] (one latent, whose frame is the window's frame c (n - 2); the c frames
+        decoded after it are meaningless), as the module docstring lays them out. With
+        `pixel_guidance`, sampling is also pulled toward these pixels where they fall in the
+        decoded window."""
         import jax
 
+        if suffix is not None and end is not None:
+            raise ValueError("A window ends with a suffix or an end image, not both.")
         n = window or self.window
         sampler = self.sampler if n == self.window else self._sampler_for(n)
         prefix_latents = None if prefix is None else self.prefix_latents(prefix)
         suffix_latents = None if suffix is None else self.suffix_latents(suffix)
+        if end is not None:  # the end image's frame plays the suffix's first frame
+            suffix, suffix_latents = end[:, None], self._encode(end[:, None])
         p = 0 if prefix is None else prefix_latents.shape[1]
         s = 0 if suffix is None else suffix_latents.shape[1]
         if p + s >= n:
@@ -210,9 +222,11 @@ class Prompter:
             pixels[:, :prefix.shape[1]], pixel_weight[:, :prefix.shape[1]] = prefix, 1.0
         if s:
             given[:, n - s:], is_given[:, n - s:] = suffix_latents, True
-            # The suffix's first frame falls on the last frame of the latent before the given ones.
-            pixels[:, frames - suffix.shape[1]:] = suffix
-            pixel_weight[:, frames - suffix.shape[1]:] = 1.0
+            # The suffix's first frame (the end image) falls on the last frame of the latent before
+            # the given ones.
+            start = frames - self.c * s - 1
+            pixels[:, start:start + suffix.shape[1]] = suffix
+            pixel_weight[:, start:start + suffix.shape[1]] = 1.0
         pt = self.exp.temporal_patch
         if n % pt:
             raise ValueError(f"A window of {n} latent frames does not split into temporal patches "
@@ -308,8 +322,9 @@ class Prompter:
                 negative=None) -> Prompted:
         """A transition of `frames` frames (c g - 1 for g generated latents; default fills the
         sampling window) from the last frame of `a` [B, Ta, ...] to the first 1 + c frames of `b`
-        [B, Tb, ...]: the output is a, the transition, then b."""
-        if b.shape[1] < 1 + self.c:
+        [B, Tb, ...] (its first frame alone with end images): the output is a, the transition,
+        then b."""
+        if b.shape[1] < 1 + self.c and not self.end_image:
             raise ValueError(f"The clip to connect to has {b.shape[1]} frames; it needs at least "
                              f"{1 + self.c}.")
         g = self.window - 2 if frames is None else (frames + 1) // self.c
@@ -317,16 +332,21 @@ class Prompter:
             valid = ", ".join(str(self.c * k - 1) for k in range(1, 5))
             raise ValueError(f"A transition of {frames} frames: transitions have {self.c}g - 1 "
                              f"frames for g generated latent frames ({valid}, ...).")
-        head = b[:, :1 + self.c]
-        decoded = self.sample_window(text, mask, rng, prefix=a[:, -1:],
-                                     suffix=head, negative=negative,
-                                     window=g + 2)
+        if self.end_image:
+            decoded = self.sample_window(text, mask, rng, prefix=a[:, -1:], end=b[:, 0],
+                                         negative=negative, window=g + 2)
+            given_end = (b[:, :1], decoded[:, self.c * g:self.c * g + 1])
+        else:
+            head = b[:, :1 + self.c]
+            decoded = self.sample_window(text, mask, rng, prefix=a[:, -1:], suffix=head,
+                                         negative=negative, window=g + 2)
+            given_end = (head[:, 1:], decoded[:, self.c * g + 1:])
         transition = decoded[:, 1:self.c * g]
         video = np.concatenate([a, transition, b], axis=1)
         generated = np.zeros(video.shape[1], bool)
         start = a.shape[1]
         generated[start:start + transition.shape[1]] = True
-        pairs = [(a[:, -1:], decoded[:, :1]), (head[:, 1:], decoded[:, self.c * g + 1:])]
+        pairs = [(a[:, -1:], decoded[:, :1]), given_end]
         return Prompted(video, generated, [start, start + transition.shape[1]], pairs)
 
     def loop(self, video: np.ndarray, text, mask, rng, *, frames: int | None = None,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sora_jax.training import loop
-from sora_jax.training.experiment import get_experiment
+from sora_jax.training.experiment import get_experiment, validate
 from tests.helpers import one_device, tiny_data_dir, tiny_vae_workdir
 
 CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
@@ -64,11 +64,23 @@ def test_f17_variant_has_windows_of_five_latent_frames():
     exp, state, _, metrics = abstract_train_step(config)
     assert (config.data.builder_config, config.data.frames) == ("f17_s16", 17)
     assert exp.latent_shape[0] == 5  # a lone frame + 4 x 4 frames: 3 generated between two given
-    assert config.train.masks.first_last == 0.15
+    assert config.train.masks.end_image == 0.1 and exp.end_frame == 12  # the end of latent 3
+    assert exp.batch_shapes()["end_latent"].shape[1:] == (1, *exp.latent_shape[1:])
     assert abs(sum(config.train.masks.values()) - 1.0) < 1e-9
     assert metrics["loss"].shape == ()
     with pytest.raises(ValueError, match="'f17' goes alone"):
         get_config("moving_shapes", "f17,runlocal")
+
+
+def test_end_image_masks_are_refused_where_clips_cannot_hold_an_end_image():
+    config = get_config("moving_shapes", "runlocal")  # 5 frames: 2 latent frames
+    config.train.masks.end_image = 0.1
+    with pytest.raises(ValueError, match="masks.end_image .* at least 3 latent frames; .* 2 latent"):
+        validate(config)
+    config = get_config("moving_shapes_mixed")
+    config.train.masks.end_image = 0.1
+    with pytest.raises(ValueError, match="masks.end_image .* clips of one size"):
+        validate(config)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -9,7 +9,8 @@ import pytest
 
 from sora_jax.data.packing import pack
 from sora_jax.diffusion.flow import RectifiedFlow
-from sora_jax.diffusion.masks import MASK_STRATEGIES, check_mask_weights, sample_given, sample_slot_given
+from sora_jax.diffusion.masks import (MASK_STRATEGIES, check_mask_weights, sample_given,
+                                     sample_slot_given, with_end_image)
 from sora_jax.models.dit import DiT
 from sora_jax.training.state import Group, TrainState
 from sora_jax.training.step import (draw_noise, draw_packed_noise, flow_loss, make_packed_train_step,
@@ -19,7 +20,8 @@ PATCH = (1, 2, 2)
 # One unrolled block: these tests are about what enters the loss, not the network.
 MODEL = DiT(in_channels=3, patch_size=PATCH, width=32, depth=1, num_heads=2, text_dim=8)
 LENGTHS = (0, 1, 2, 3, 5, 8)  # 0: an unused clip slot; 1: an image
-ALL = {name: 1.0 for name in MASK_STRATEGIES}
+# Every strategy but end_image, which needs end images in the batch (tested on its own below).
+ALL = {name: 1.0 for name in MASK_STRATEGIES if name != "end_image"}
 
 
 def _normal(seed, shape):
@@ -67,6 +69,7 @@ def _check_pattern(strategy: str, given: np.ndarray, length: int) -> int:
         "first_frame": [[0]],
         "last_frame": [[length - 1]],
         "first_last": [[0, length - 1]] if length > 2 else [[0], [1]],
+        "end_image": [[0, length - 1]] if length > 2 else [[0], [1]],
         "prefix": [list(range(k)) for k in range(1, length)],
         "suffix": [list(range(length - k, length)) for k in range(1, length)],
     }
@@ -223,3 +226,55 @@ def test_a_train_step_with_masks_reports_the_given_fraction_and_a_finite_loss(pa
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
     assert 0 < float(metrics["given_fraction"]) < 1
     assert int(new_state.step) == 1
+
+
+# End images ----------------------------------------------------------------------------------------
+
+
+def test_end_image_draws_are_reported_for_clips_that_hold_one():
+    lengths = jnp.asarray(np.tile(LENGTHS, 100))
+    weights = {"end_image": 1.0, "first_last": 1.0}
+    given, drew = sample_given(jax.random.key(4), weights, lengths, 8, return_end_image=True)
+    given, drew, lengths = np.asarray(given), np.asarray(drew), np.asarray(lengths)
+    assert not drew[lengths <= 2].any()  # too short: a clip keeps a latent to generate
+    long = lengths > 2
+    assert 0.4 < drew[long].mean() < 0.6  # about half of the long clips drew end_image
+    for row, length in zip(given[drew], lengths[drew]):  # they give their first and last positions
+        assert np.flatnonzero(row).tolist() == [0, length - 1]
+    np.testing.assert_array_equal(
+        given, np.asarray(sample_given(jax.random.key(4), weights, jnp.asarray(lengths), 8)))
+
+
+def test_with_end_image_replaces_the_last_frame_of_the_clips_that_drew_it():
+    latent, end = _normal(0, (3, 4, 2, 2, 3)), _normal(1, (3, 1, 2, 2, 3))
+    out = np.asarray(with_end_image(jnp.asarray(latent), jnp.asarray(end), jnp.asarray([True, False, True])))
+    np.testing.assert_array_equal(out[:, :3], latent[:, :3])
+    np.testing.assert_array_equal(out[[0, 2], 3], end[[0, 2], 0])
+    np.testing.assert_array_equal(out[1, 3], latent[1, 3])
+
+
+@pytest.mark.parametrize("weights, unread", [({"end_image": 1.0}, "latent"),
+                                             ({"first_last": 1.0}, "end_latent")])
+def test_a_train_step_reads_the_end_image_in_place_of_the_last_frame(params, weights, unread):
+    """NaN where the step must not look: the last latent frame of clips holding their end image, or
+    the end images of clips that drew another strategy. Any read would make the loss NaN."""
+    tx = optax.sgd(1e-3)
+    state = TrainState(step=jnp.zeros((), jnp.int32), groups={"dit": Group.create(params, tx, 0.0)})
+    batch = {**_grid_batch(), "end_latent": jnp.asarray(_normal(3, (4, 1, 4, 4, 3)))}
+    batch[unread] = batch[unread].at[:, -1].set(jnp.nan)
+    step = make_train_step(MODEL, RectifiedFlow(), tx=tx, schedule=lambda s: 1e-3, ema_decay=0.0,
+                           caption_dropout=0.0, temporal_patch=1, mask_weights=weights)
+    _, metrics = jax.jit(step)(state, batch, jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    read = "end_latent" if unread == "latent" else "latent"
+    poisoned = {**batch, read: batch[read].at[:, -1].set(jnp.nan)}
+    _, metrics = jax.jit(step)(state, poisoned, jax.random.key(0))
+    assert np.isnan(float(metrics["loss"]))  # a NaN where the step does look
+
+
+def test_end_image_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="end_image mask needs clips of one size"):
+        sample_slot_given(jax.random.key(0), {"end_image": 1.0}, _packed_batch()["slot_clip"], 3)
+    with pytest.raises(ValueError, match="temporal patch of 1"):
+        draw_noise(RectifiedFlow(), jnp.zeros((2, 4, 2, 2, 3)), jax.random.key(0), caption_dropout=0.0,
+                   temporal_patch=2, mask_weights={"end_image": 1.0})

@@ -150,6 +150,31 @@ def test_pixel_guidance_targets_the_given_frames_where_they_fall_in_the_window(l
                            guidance=dict(GUIDANCE, pixel_guidance=-1.0))
 
 
+def test_connections_end_on_a_lone_encoded_end_image_after_end_image_training(latent):
+    """With end_image masks the window's last latent is the next clip's first frame encoded alone,
+    the frame at which the generated latents end; the c frames decoded after it are dropped."""
+    text, mask = text_for(latent.exp, 2)
+    vae, params = latent.exp.loaded_autoencoder
+    a, b = clip(5, seed=2), clip(1, seed=3)  # an end image needs one frame of the next clip
+    calls = []
+    decoded = np.random.default_rng(4).uniform(-1, 1, (2, 13, 16, 16, 3)).astype(np.float32)
+    ends = copy.copy(latent)
+    ends.end_image, ends.pixel_guidance = True, 50.0
+    ends._samplers = {4: lambda *args, **kwargs: calls.append(kwargs) or decoded}
+    out = ends.connect(a, b, text, mask, jax.random.key(0), frames=7)  # 2 generated latents
+    given, given_mask = calls[0]["given"], calls[0]["given_mask"]
+    assert given_mask.tolist() == [[True, False, False, True]] * 2
+    np.testing.assert_allclose(given[:, 3], vae.encode(params, b)[:, 0], atol=1e-5)
+    np.testing.assert_allclose(given[:, 0], vae.encode(params, a[:, -1:])[:, 0], atol=1e-5)
+    assert calls[0]["pixel_weight"].tolist() == [[1] + [0] * 7 + [1] + [0] * 4] * 2
+    np.testing.assert_array_equal(calls[0]["pixels"][:, 8], b[:, 0])
+    np.testing.assert_array_equal(out.video, np.concatenate([a, decoded[:, 1:8], b], axis=1))
+    assert out.seams == [5, 12]
+    np.testing.assert_array_equal(out.given[1][1], decoded[:, 8:9])  # where b's frame reappears
+    with pytest.raises(ValueError, match="a suffix or an end image, not both"):
+        ends.sample_window(text, mask, jax.random.key(0), suffix=clip(5), end=b[:, 0], window=4)
+
+
 def test_pixel_guidance_leads_the_generated_frames_into_the_suffix(pixel):
     # Pixel space (c = 1): a suffix of 1 + 2 frames gives the window's last 2; its first frame
     # falls on the generated frame before them, which only pixel guidance sees.

@@ -172,6 +172,35 @@ def test_a_vae_whose_latents_differ_from_the_dit_config_is_refused(vae_run, cach
     assert not os.path.exists(tmp_path / "a" / "checkpoints" / "0")
 
 
+def test_end_images_are_cached_for_end_image_masks_and_required_of_the_cache(tmp_path):
+    """Each record keeps its clip's frame `end_frame` encoded alone (diffusion/masks.py 'end_image');
+    a cache with other end images, or none, is refused for a config that needs them."""
+    def encode(video):  # 1 + 4k frames -> 1 + k latent frames, each the mean of its frames
+        first, rest = video[:, :1], video[:, 1:]
+        groups = rest.reshape(rest.shape[0], -1, 4, *rest.shape[2:]).mean(axis=2)
+        return np.concatenate([first, groups], axis=1)[:, :, ::4, ::4, :]
+
+    videos = np.random.default_rng(0).uniform(-1, 1, (4, 9, 8, 8, 3)).astype(np.float32)
+    batch = {"video": videos, "caption": np.array(["a red square"] * 4)}
+    out = str(tmp_path / "ends")
+    latent_cache.write_cache(out, {"train": [batch]}, encode_video=encode, encode_text=None,
+                             metadata={}, end_frame=4)
+    source = latent_cache.data_source(out, "train")
+    records = [latent_cache.DecodeRecord().map(source[i]) for i in range(4)]
+    np.testing.assert_allclose(np.stack([r["end_latent"] for r in records]),
+                               encode(videos[:, 4:5]), atol=1e-6)
+    np.testing.assert_allclose(np.stack([r["latent"] for r in records]), encode(videos), atol=1e-6)
+    latent_cache.check_matches(out, latent_shape=(3, 2, 2, 3), text={}, end_frame=4)
+    with pytest.raises(ValueError, match="end images of frame 4 vs .* need frame 8"):
+        latent_cache.check_matches(out, latent_shape=(3, 2, 2, 3), text={}, end_frame=8)
+    plain = str(tmp_path / "plain")
+    latent_cache.write_cache(plain, {"train": [batch]}, encode_video=encode, encode_text=None,
+                             metadata={})
+    latent_cache.check_matches(plain, latent_shape=(3, 2, 2, 3), text={})
+    with pytest.raises(ValueError, match="end images of frame None .* Rebuild it"):
+        latent_cache.check_matches(plain, latent_shape=(3, 2, 2, 3), text={}, end_frame=4)
+
+
 def mixed_config(vae_workdir, **data):
     return dit_config(vae_workdir, moving_shapes_mixed, **data)
 

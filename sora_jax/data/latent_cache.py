@@ -7,7 +7,9 @@ it in place of pixels:
     DIR/metadata.json                       what was encoded, with which VAE and text encoder
     DIR/{split}.array_record                one msgpack record per clip:
         latent float32 [t, h, w, c], caption str, text float16 [L, D], text_mask bool [L], labels;
-        for datasets of many sizes also frames, height, width (int) and fps (float) of the clip
+        for datasets of many sizes also frames, height, width (int) and fps (float) of the clip;
+        for configs with end_image masks also end_latent float32 [1, h, w, c], the lone encoding
+        of the clip's frame `metadata["end_frame"]` (diffusion/masks.py)
 
     python -m sora_jax.cache_latents --config=configs/moving_shapes.py   # writes config.data.latent_cache
 
@@ -69,6 +71,8 @@ class DecodeRecord(grain.transforms.Map):
         out = {k: (np.float32(v) if isinstance(v, float) else np.int32(v) if np.ndim(v) == 0
                    and not isinstance(v, str) else v) for k, v in example.items()}
         out["latent"] = np.asarray(example["latent"], np.float32)
+        if "end_latent" in example:
+            out["end_latent"] = np.asarray(example["end_latent"], np.float32)
         if "text" in example:
             out["text"] = np.asarray(example["text"], np.float32)
         return out
@@ -124,12 +128,15 @@ def _scalar(key: str, value: Any) -> Any:
 def write_cache(root: str, splits: dict[str, Iterable[Any]], *,
                 encode_video: Callable[[np.ndarray], np.ndarray],
                 encode_text: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None,
-                metadata: dict[str, Any], progress: Callable[[str, int], None] | None = None) -> str:
+                metadata: dict[str, Any], progress: Callable[[str, int], None] | None = None,
+                end_frame: int | None = None) -> str:
     """Encodes every host batch of every split into `root`.
 
     A batch is a mapping of stacked arrays ({'video', 'caption', labels...}) or a list of examples
     (clips of many sizes, each with its 'frames', 'height', 'width', 'fps'), kept in the records.
     encode_text=None stores captions only (for a text encoder that is trained, not frozen).
+    end_frame: also store each clip's frame `end_frame` encoded on its own ('end_latent'; clips of
+    one size only).
     Returns root. Refuses to overwrite an existing cache.
     """
     if os.path.exists(os.path.join(root, METADATA)):
@@ -150,12 +157,19 @@ def write_cache(root: str, splits: dict[str, Iterable[Any]], *,
             for batch in batches:
                 examples = _examples(batch)
                 latents = encode_by_size([e["video"] for e in examples], encode_video)
+                if end_frame is not None:
+                    if sized:
+                        raise ValueError("End images are stored for clips of one size only.")
+                    ends = encode_by_size([e["video"][end_frame:end_frame + 1] for e in examples],
+                                          encode_video)
                 text = encode_text([str(e["caption"]) for e in examples]) if encode_text else None
                 if text is not None:
                     text = (_to_float16(np.asarray(text[0])), text[1])
                 for i, (example, latent) in enumerate(zip(examples, latents)):
                     record = {k: _scalar(k, v) for k, v in example.items() if k != "video"}
                     record["latent"] = latent
+                    if end_frame is not None:
+                        record["end_latent"] = ends[i]
                     shapes.add(latent.shape)
                     if text is not None:
                         record["text"] = text[0][i]
@@ -170,6 +184,7 @@ def write_cache(root: str, splits: dict[str, Iterable[Any]], *,
         with open(os.path.join(tmp, METADATA), "w") as f:
             json.dump({**metadata, "latent_shape": None if sized else sizes[0] if sizes else None,
                        "latent_sizes": sizes, "clip_sizes": sized, "num_examples": counts,
+                       "end_frame": end_frame,
                        "text_embeddings": encode_text is not None}, f, indent=2)
         if os.path.exists(root):  # an empty or unfinished folder: never one with metadata
             shutil.rmtree(root)
@@ -199,7 +214,7 @@ def data_source(root: str, split: str) -> grain.sources.ArrayRecordDataSource:
 
 
 def check_matches(root: str, *, latent_shape: Sequence[int | None],
-                  text: Mapping[str, Any]) -> None:
+                  text: Mapping[str, Any], end_frame: int | None = None) -> None:
     """The cache must hold what the DiT config expects; names the mismatch and the fix.
 
     Args:
@@ -208,6 +223,7 @@ def check_matches(root: str, *, latent_shape: Sequence[int | None],
         clips of many sizes (t, h, w) are None, and the cache must keep each clip's size.
       text: what identifies the config's text embeddings (encoder, checkpoint, dtype, max_length;
         `metadata["text"]` of a cache written for it).
+      end_frame: the frame whose lone encoding the config's end_image masks need, or None.
     """
     metadata = read_metadata(root)
     problems = []
@@ -225,6 +241,9 @@ def check_matches(root: str, *, latent_shape: Sequence[int | None],
         problems.append(f"latents {tuple(cached)} vs the config's {tuple(latent_shape)}")
     if metadata["text_embeddings"] and metadata.get("text") != dict(text):
         problems.append(f"text embeddings of {metadata.get('text')} vs the config's {dict(text)}")
+    if end_frame is not None and metadata.get("end_frame") != end_frame:
+        problems.append(f"end images of frame {metadata.get('end_frame')} vs the config's end_image "
+                        f"masks, which need frame {end_frame}")
     if problems:
         raise ValueError(f"The latent cache at {root!r} does not match this config: "
                          f"{'; '.join(problems)}. Rebuild it (delete the folder and run "

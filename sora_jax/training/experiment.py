@@ -97,6 +97,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"'causal_vae'), not kind {config.autoencoder.kind!r}; leave it None.")
     patch_lib.check_tileable(data.frames, data.height, data.width, tuple(model.patch_size),
                              autoencoder.temporal_compression, autoencoder.spatial_compression)
+    if (config.train.get("masks") or {}).get("end_image"):
+        latent_frames = autoencoder.latent_shape(data.frames, data.height, data.width)[0]
+        if data.get("batching") or model.patch_size[0] != 1 or latent_frames < 3:
+            raise ValueError(
+                "config.train.masks.end_image replaces a clip's last latent frame by its end image: "
+                "it needs clips of one size (config.data.batching unset), a temporal patch of 1 "
+                f"and at least 3 latent frames; got batching={data.get('batching')!r}, "
+                f"patch_size={tuple(model.patch_size)}, {latent_frames} latent frames. Set its "
+                "weight to 0 or change these.")
     RectifiedFlow(**config.diffusion)
     settings = guidance_settings(config.sampling)
     try:
@@ -295,6 +304,12 @@ class Experiment(ExperimentBase):
         # `sequence` axis of one device).
         over = c.autoencoder.get("shard_over")
         self.vae_split = over if self.mesh.shape["sequence"] > 1 else None
+        # With end_image masks (diffusion/masks.py), the pixel frame whose lone encoding is a
+        # clip's end image: the frame at which its second-last latent frame ends.
+        self.end_frame = None
+        if (c.train.get("masks") or {}).get("end_image"):
+            c_t = getattr(self.autoencoder, "temporal_compression", 1)
+            self.end_frame = c_t * (self.latent_shape[0] - 2)
 
     def _rope_scale(self) -> tuple[float, float, float]:
         """RoPE position factors for the config's clip size (see `DiT.rope_scale`).
@@ -343,11 +358,14 @@ class Experiment(ExperimentBase):
         text_len, text_dim = self.config.text.max_length, self.model.text_dim
         if self.batcher is not None:
             return self._packed_shapes(text_len, text_dim)
-        return {
+        shapes = {
             "latent": jax.ShapeDtypeStruct((b, *self.latent_shape), jnp.float32),
             "text": jax.ShapeDtypeStruct((b, text_len, text_dim), jnp.float32),
             "text_mask": jax.ShapeDtypeStruct((b, text_len), jnp.bool_),
         }
+        if self.end_frame is not None:
+            shapes["end_latent"] = jax.ShapeDtypeStruct((b, 1, *self.latent_shape[1:]), jnp.float32)
+        return shapes
 
     def _packed_shapes(self, text_len: int, text_dim: int) -> dict[str, jax.ShapeDtypeStruct]:
         """Global shapes of a packed batch of rows of seq_len tokens (`data.packing.pack`)."""
@@ -469,7 +487,17 @@ class Experiment(ExperimentBase):
         else:
             text, mask = self._cached_text_encoder(list(host["caption"]))
         latent = host["latent"] if "latent" in host else self.encode_video(host["video"])
-        return self.global_batch({"latent": latent, "text": text, "text_mask": mask})
+        batch = {"latent": latent, "text": text, "text_mask": mask}
+        if self.end_frame is not None:
+            if "end_latent" in host:
+                batch["end_latent"] = host["end_latent"]
+            elif "video" in host:
+                end = self.end_frame
+                batch["end_latent"] = self.encode_video(host["video"][:, end:end + 1])
+            else:
+                raise ValueError("config.train.masks.end_image needs end images, and the latent "
+                                 "cache has none: rebuild it with this config.")
+        return self.global_batch(batch)
 
     def train_batches(self, host_batches: Iterator) -> Iterator[dict[str, jax.Array]]:
         """Device batches from host batches: as they are, or for clips of many sizes (lists of

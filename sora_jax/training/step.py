@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from sora_jax.diffusion.flow import RectifiedFlow
-from sora_jax.diffusion.masks import check_mask_weights, sample_given, sample_slot_given
+from sora_jax.diffusion.masks import (check_mask_weights, sample_given, sample_slot_given,
+                                     with_end_image)
 from sora_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -35,7 +36,8 @@ def draw_noise(flow: RectifiedFlow, latent: jax.Array, rng: jax.Array, *, captio
                temporal_patch: int, mask_weights: dict[str, float] | None = None) -> Batch:
     """The randomness of one training step: times t [B, T // pt], noise, which captions are dropped
     ([B]) and, with mask_weights, which temporal positions are given (bool [B, T // pt],
-    `masks.sample_given`), whose time is then 0."""
+    `masks.sample_given`), whose time is then 0; with the end_image strategy, also which clips
+    hold their end image in their last frame (`end_image`, bool [B])."""
     batch_size, frames = latent.shape[:2]
     positions = frames // temporal_patch
     rng, rng_given = jax.random.split(rng) if mask_weights else (rng, None)
@@ -48,8 +50,14 @@ def draw_noise(flow: RectifiedFlow, latent: jax.Array, rng: jax.Array, *, captio
         "drop_text": jax.random.bernoulli(rng_drop, caption_dropout, (batch_size,)),
     }
     if mask_weights:
-        given = sample_given(rng_given, mask_weights, jnp.full((batch_size,), positions), positions)
+        given, end_image = sample_given(rng_given, mask_weights, jnp.full((batch_size,), positions),
+                                        positions, return_end_image=True)
         draw.update(t=jnp.where(given, 0.0, t), given=given)
+        if mask_weights.get("end_image"):
+            if temporal_patch != 1:
+                raise ValueError(f"The end_image mask needs a temporal patch of 1 (an end image is "
+                                 f"one latent frame), got {temporal_patch}.")
+            draw["end_image"] = end_image
     return draw
 
 
@@ -102,6 +110,8 @@ def make_train_step(model: nn.Module, flow: RectifiedFlow, *, tx: optax.Gradient
 
     mask_weights: relative weights of `masks.MASK_STRATEGIES` to draw given positions from; None (or
     empty) for none. With masks the metrics add given_fraction, the fraction of positions given.
+    The batch holds latent [B, T, h, w, c], text [B, L, D] and text_mask [B, L]; with the end_image
+    mask also end_latent [B, 1, h, w, c], each clip's end image (`masks.with_end_image`).
     """
     mask_weights = check_mask_weights(mask_weights)
     grad_fn = jax.value_and_grad(functools.partial(flow_loss, model, flow))
@@ -110,6 +120,9 @@ def make_train_step(model: nn.Module, flow: RectifiedFlow, *, tx: optax.Gradient
         rng = jax.random.fold_in(rng, state.step)
         batch = {**batch, **draw_noise(flow, batch["latent"], rng, caption_dropout=caption_dropout,
                                        temporal_patch=temporal_patch, mask_weights=mask_weights)}
+        if "end_image" in batch:
+            batch["latent"] = with_end_image(batch["latent"], batch.pop("end_latent"),
+                                             batch["end_image"])
         state, metrics = _update(state, batch, grad_fn, tx=tx, schedule=schedule, ema_decay=ema_decay,
                                  grad_accum_steps=grad_accum_steps, group=group)
         if mask_weights:
