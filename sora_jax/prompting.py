@@ -155,7 +155,7 @@ class Prompter:
         self.sampler = exp.make_sampler(steps=steps, **guidance)
         self.c = getattr(exp.autoencoder, "temporal_compression", 1)
         self.window = exp.latent_shape[0]  # latent frames per window
-        self.end_image = exp.end_frame is not None  # connections end on an end image
+        self.end_image = exp.end_image  # connections end on an end image
         self.frames = exp.config.data.frames  # pixel frames per window
         self.height, self.width = exp.config.data.height, exp.config.data.width
 

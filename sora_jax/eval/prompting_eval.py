@@ -169,6 +169,8 @@ def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=No
         "seed": seed, "frames": int(videos.shape[1]),
         "generated_frames": int(generated_masks.sum()), "seams": seams,
     }
+    if task in ("loop", "connect"):  # how the next clip's first frame was given
+        result["end_image"] = prompter.end_image
     if given_pairs[0]:
         given = np.concatenate([np.concatenate([g.reshape(-1) for g, _ in pairs])
                                 for pairs in given_pairs])

@@ -98,14 +98,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     patch_lib.check_tileable(data.frames, data.height, data.width, tuple(model.patch_size),
                              autoencoder.temporal_compression, autoencoder.spatial_compression)
     if (config.train.get("masks") or {}).get("end_image"):
-        latent_frames = autoencoder.latent_shape(data.frames, data.height, data.width)[0]
-        if data.get("batching") or model.patch_size[0] != 1 or latent_frames < 3:
+        if data.get("batching") or model.patch_size[0] != 1:
             raise ValueError(
                 "config.train.masks.end_image replaces a clip's last latent frame by its end image: "
-                "it needs clips of one size (config.data.batching unset), a temporal patch of 1 "
-                f"and at least 3 latent frames; got batching={data.get('batching')!r}, "
-                f"patch_size={tuple(model.patch_size)}, {latent_frames} latent frames. Set its "
-                "weight to 0 or change these.")
+                "it needs clips of one size (config.data.batching unset) and a temporal patch of "
+                f"1; got batching={data.get('batching')!r}, patch_size={tuple(model.patch_size)}. "
+                "Set its weight to 0 or change these.")
     RectifiedFlow(**config.diffusion)
     settings = guidance_settings(config.sampling)
     try:
@@ -304,12 +302,20 @@ class Experiment(ExperimentBase):
         # `sequence` axis of one device).
         over = c.autoencoder.get("shard_over")
         self.vae_split = over if self.mesh.shape["sequence"] > 1 else None
-        # With end_image masks (diffusion/masks.py), the pixel frame whose lone encoding is a
-        # clip's end image: the frame at which its second-last latent frame ends.
-        self.end_frame = None
-        if (c.train.get("masks") or {}).get("end_image"):
-            c_t = getattr(self.autoencoder, "temporal_compression", 1)
-            self.end_frame = c_t * (self.latent_shape[0] - 2)
+        # Trained with end_image masks (diffusion/masks.py): clips carry end images.
+        self.end_image = bool((c.train.get("masks") or {}).get("end_image"))
+
+    @property
+    def end_frame(self) -> int:
+        """The pixel frame whose lone encoding is a training clip's end image: the frame at which
+        its second-last latent frame ends."""
+        n = self.latent_shape[0]
+        if n < 3:
+            raise ValueError(f"config.train.masks.end_image needs clips of at least 3 latent frames "
+                             f"(a given first, one generated, the end image); these "
+                             f"{self.config.data.frames}-frame clips have {n}. Set its weight to 0 "
+                             "or train on longer clips.")
+        return getattr(self.autoencoder, "temporal_compression", 1) * (n - 2)
 
     def _rope_scale(self) -> tuple[float, float, float]:
         """RoPE position factors for the config's clip size (see `DiT.rope_scale`).
@@ -363,7 +369,7 @@ class Experiment(ExperimentBase):
             "text": jax.ShapeDtypeStruct((b, text_len, text_dim), jnp.float32),
             "text_mask": jax.ShapeDtypeStruct((b, text_len), jnp.bool_),
         }
-        if self.end_frame is not None:
+        if self.end_image:
             shapes["end_latent"] = jax.ShapeDtypeStruct((b, 1, *self.latent_shape[1:]), jnp.float32)
         return shapes
 
@@ -419,6 +425,8 @@ class Experiment(ExperimentBase):
                   caption_dropout=c.text.caption_dropout if caption_dropout is None else caption_dropout,
                   grad_accum_steps=grad_accum_steps or c.optim.grad_accum_steps,
                   mask_weights=masks_lib.check_mask_weights(c.train.get("masks")))
+        if self.end_image:
+            _ = self.end_frame  # refuses clips too short to hold an end image, naming the fix
         if self.batcher is not None:
             step = make_packed_train_step(self.model, self.flow, **kw)
         else:
@@ -488,7 +496,7 @@ class Experiment(ExperimentBase):
             text, mask = self._cached_text_encoder(list(host["caption"]))
         latent = host["latent"] if "latent" in host else self.encode_video(host["video"])
         batch = {"latent": latent, "text": text, "text_mask": mask}
-        if self.end_frame is not None:
+        if self.end_image:
             if "end_latent" in host:
                 batch["end_latent"] = host["end_latent"]
             elif "video" in host:
