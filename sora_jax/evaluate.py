@@ -187,6 +187,8 @@ def evaluate_vae(workdir, config, *, num_videos=None, seed=0, checkpoint_step=No
         "psnr_p10": float(np.percentile(psnr, 10)),
         "ssim": float(np.mean(ssim)),
     }
+    if originals.shape[1] > 1:  # flicker, and the seam a perfect latent model would leave
+        result.update(metrics.temporal_consistency(recons, originals))
     with open(os.path.join(out_dir, name + ".json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

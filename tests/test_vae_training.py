@@ -12,6 +12,7 @@ import pytest
 from configs import moving_shapes, moving_shapes_mixed
 from sora_jax.cache_latents import cache_latents
 from sora_jax.data import latent_cache, pipeline
+from sora_jax.eval import reconstruction as metrics
 from sora_jax.evaluate import evaluate
 from sora_jax.training import loop
 from sora_jax.training.experiment import Experiment, text_identity
@@ -102,6 +103,24 @@ def test_adversarial_training_updates_the_discriminator_from_disc_start(tmp_path
     assert max(jax.tree.leaves(moved)) > 0
 
 
+def test_temporal_consistency_compares_reconstructed_motion_with_the_clips():
+    grey = lambda *levels: np.broadcast_to(
+        (np.array(levels, np.float32) / 127.5 - 1)[None, :, None, None, None], (2, 3, 4, 4, 3))
+    video = grey(100, 125, 150)  # steps of 25 grey levels
+    same = metrics.temporal_consistency(video, video)
+    assert same == pytest.approx({"step_ratio": 1.0, "splice_ratio": 1.0})
+    # Flicker: 125, 100, 175 steps by 25 and 75 (ratio 2); a frame and its neighbour's
+    # reconstruction differ by 0 and 50 one way, 0 and 50 the other (ratio 1).
+    flicker = metrics.temporal_consistency(grey(125, 100, 175), video)
+    assert flicker == pytest.approx({"step_ratio": 2.0, "splice_ratio": 1.0})
+    # A tone 75 levels off moves as the clip does (ratio 1) but jumps at every splice: by 100 one
+    # way, 50 the other (ratio 3).
+    toned = metrics.temporal_consistency(grey(175, 200, 225), video)
+    assert toned == pytest.approx({"step_ratio": 1.0, "splice_ratio": 3.0})
+    with pytest.raises(ValueError, match="one shape"):
+        metrics.temporal_consistency(video[:, :1], video[:, :1])
+
+
 def test_evaluate_reports_reconstruction_psnr_ssim_and_compression(vae_run):
     workdir, _ = vae_run
     result = evaluate(workdir, num_videos=8)
@@ -110,6 +129,7 @@ def test_evaluate_reports_reconstruction_psnr_ssim_and_compression(vae_run):
     assert result["compression"] == 4 * 4 * 4 * 3 / 4
     assert result["compression_of_these_clips"] == pytest.approx(5 * 16 * 16 * 3 / (2 * 4 * 4 * 4))
     assert 0 < result["psnr"] < 100 and -1 <= result["ssim"] <= 1
+    assert result["step_ratio"] > 0 and result["splice_ratio"] > 0
     assert any(f.endswith(".gif") for f in os.listdir(os.path.join(workdir, "eval")))
 
 

@@ -1,4 +1,5 @@
-"""Reconstruction quality: PSNR and SSIM of videos in [-1, 1], per clip.
+"""Reconstruction quality: PSNR and SSIM of videos in [-1, 1], per clip, and how reconstructions
+move from frame to frame against the clips themselves (`temporal_consistency`).
 
 SSIM follows Wang et al. (2004): an 11x11 Gaussian window (sigma 1.5) over each frame and channel
 of [0, 1] images, constants (0.01, 0.03), the mean over valid window positions, frames and
@@ -52,3 +53,26 @@ def ssim(reconstruction, video) -> np.ndarray:
     frames = lambda x: np.moveaxis(x, -1, 2).reshape((-1,) + x.shape[2:4])  # [B*T*C, H, W]
     per_image = np.asarray(_ssim_frames(frames(a), frames(b)))
     return per_image.reshape(batch, -1).mean(axis=1)
+
+
+def temporal_consistency(reconstruction, video) -> dict[str, float]:
+    """Frame-to-frame differences of reconstructions [B, T, H, W, C] against their clips (in [-1, 1],
+    measured in grey levels like eval/prompting_eval.py; T >= 2):
+
+      step_ratio    the mean difference between consecutive reconstructed frames over that between
+                    the clips' consecutive frames: above 1, reconstructions flicker.
+      splice_ratio  the mean difference between a clip's frame and the reconstruction of its
+                    neighbour (either side) over the clips' consecutive-frame difference: the seam
+                    ratio of prompting's evaluation where a given frame meets a generated one, for
+                    a generator that produced the true latents. Seams of latent prompting rarely
+                    score lower.
+    """
+    grey = lambda x: np.round((np.clip(np.asarray(x, np.float32), -1, 1) + 1) * 127.5)
+    a, b = grey(reconstruction), grey(video)
+    if a.shape != b.shape or a.ndim != 5 or a.shape[1] < 2:
+        raise ValueError(f"Need reconstructions and clips of one shape [B, T >= 2, H, W, C], got "
+                         f"{list(a.shape)} and {list(b.shape)}.")
+    step = lambda x, y: float(np.abs(x[:, 1:] - y[:, :-1]).mean())
+    motion = max(step(b, b), 1e-6)
+    return {"step_ratio": step(a, a) / motion,
+            "splice_ratio": (step(a, b) + step(b, a)) / 2 / motion}
