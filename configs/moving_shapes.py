@@ -19,9 +19,8 @@ VAE config):
 
 Arguments (comma separated after the colon): `runlocal`; `pixels` diffuses pixels directly with
 (1, 4, 4) patches and no VAE (the earlier baseline); `f17` trains on 17-frame clips
-(`moving_shapes/f17_s16`, 5 latent frames), so windows have room for the 11-frame transitions of
-loops and connections, with end-image masks, so those transitions see the frame they end on
-(experiments/moving_shapes.md):
+(`moving_shapes/f17_s16`, 5 latent frames) with more first-and-last masks, so windows have room
+for the 11-frame transitions of loops and connections (experiments/moving_shapes.md):
 
   python -m sora_jax.cache_latents --config=configs/moving_shapes.py:f17
   python -m sora_jax.train --config=configs/moving_shapes.py:f17 --workdir=workdirs/moving_shapes_f17
@@ -149,9 +148,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if f17:
         config.data.update(builder_config="f17_s16", frames=17,
                            latent_cache="workdirs/moving_shapes_f17_latents")
-        # A loop or connection gives the first latent frame and the frame it ends on, encoded
-        # alone: the layout of `end_image` (its latent cache stores the end images).
-        config.train.masks.update(none=0.3, end_image=0.1)
+        # A loop or connection gives the first and last latent frames: the layout of
+        # `first_last`, trained three times as often as in the default mix. (`end_image` masks,
+        # which give the next clip's first frame itself, measured worse here.)
+        config.train.masks.update(none=0.3, first_last=0.15)
 
     # Data parallel over every device; see configs/moving_shapes_pod.py for FSDP + tensor.
     config.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)

@@ -64,10 +64,14 @@ def test_f17_variant_has_windows_of_five_latent_frames():
     exp, state, _, metrics = abstract_train_step(config)
     assert (config.data.builder_config, config.data.frames) == ("f17_s16", 17)
     assert exp.latent_shape[0] == 5  # a lone frame + 4 x 4 frames: 3 generated between two given
-    assert config.train.masks.end_image == 0.1 and exp.end_frame == 12  # the end of latent 3
-    assert exp.batch_shapes()["end_latent"].shape[1:] == (1, *exp.latent_shape[1:])
+    assert config.train.masks.first_last == 0.15
+    assert "end_latent" not in exp.batch_shapes()
     assert abs(sum(config.train.masks.values()) - 1.0) < 1e-9
     assert metrics["loss"].shape == ()
+    config.train.masks.end_image = 0.1  # end images: the frame at which latent 3 ends, alone
+    exp, _, _, metrics = abstract_train_step(config)
+    assert exp.end_frame == 12 and metrics["loss"].shape == ()
+    assert exp.batch_shapes()["end_latent"].shape[1:] == (1, *exp.latent_shape[1:])
     with pytest.raises(ValueError, match="'f17' goes alone"):
         get_config("moving_shapes", "f17,runlocal")
 
