@@ -43,6 +43,8 @@ setuptools.setup(
         "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # torch==2.13.0 resolves to the CPU wheel on the project's CPU machines; on a machine with
         # CUDA wheels in its index, install torch from https://download.pytorch.org/whl/cpu first.
+        # Workdirs and data in Cloud Storage (gs://): epath's and orbax's bucket access.
+        "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14"],
         "interop": ["torch==2.13.0", "transformers>=4.40", "sentence-transformers>=3.0", "diffusers>=0.35"],
     },
 )

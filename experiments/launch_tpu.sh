@@ -68,7 +68,7 @@ on_workers all "set -e
   [ -d sora_jax ] || git clone -q '$REPO' sora_jax
   cd sora_jax && git fetch -q origin && git checkout -q '$REF'
   [ -d .venv ] || python3 -m venv .venv
-  .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e . 'jax[tpu]'
+  .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]'
   sudo mkdir -p /data && sudo chown \"\$USER\" /data
   for part in clips wan_vae umt5_xxl; do
     gcloud storage rsync --recursive gs://$BUCKET/\$part /data/\$part

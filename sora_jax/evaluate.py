@@ -21,6 +21,8 @@ import os
 
 from absl import app, flags, logging
 
+from sora_jax import paths
+
 FLAGS = flags.FLAGS
 
 
@@ -88,7 +90,7 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     write_video(os.path.join(out_dir, name + ".gif"), videos[:16])
     result = {
         "task": config.task,
-        "workdir": os.path.abspath(workdir),
+        "workdir": os.fspath(paths.path(workdir)),
         "checkpoint_step": int(step),
         "split": split,
         "size": [config.data.frames, config.data.height, config.data.width],
@@ -105,8 +107,7 @@ def evaluate_text_to_video(workdir, config, *, num_prompts=None, steps=None, gui
     }
     if reference is not None:
         result["detector_on_real_videos"] = reference
-    with open(os.path.join(out_dir, name + ".json"), "w") as f:
-        json.dump(result, f, indent=2)
+    paths.write_text(os.path.join(out_dir, name + ".json"), json.dumps(result, indent=2))
     return result
 
 
@@ -174,7 +175,7 @@ def evaluate_vae(workdir, config, *, num_videos=None, seed=0, checkpoint_step=No
     psnr, ssim = metrics.psnr(recons, originals), metrics.ssim(recons, originals)
     result = {
         "task": config.task,
-        "workdir": os.path.abspath(workdir),
+        "workdir": os.fspath(paths.path(workdir)),
         "checkpoint_step": int(step),
         "split": split,
         "num_videos": len(originals),
@@ -189,8 +190,7 @@ def evaluate_vae(workdir, config, *, num_videos=None, seed=0, checkpoint_step=No
     }
     if originals.shape[1] > 1:  # flicker, and the seam a perfect latent model would leave
         result.update(metrics.temporal_consistency(recons, originals))
-    with open(os.path.join(out_dir, name + ".json"), "w") as f:
-        json.dump(result, f, indent=2)
+    paths.write_text(os.path.join(out_dir, name + ".json"), json.dumps(result, indent=2))
     return result
 
 

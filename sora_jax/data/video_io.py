@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from sora_jax import paths
+
 FORMATS = (".mp4", ".gif", ".png")
 
 
@@ -36,6 +38,8 @@ def check_writable(path: str) -> None:
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
         raise ValueError(f"Cannot write {path!r}: the extension must be one of {FORMATS}.")
+    if not paths.is_local(path):  # a bucket: its folders need no creating, access shows on upload
+        return
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"Cannot write {path!r}: it is a directory.")
@@ -62,22 +66,24 @@ def write_video(path: str, videos: np.ndarray, fps: int = 8, scale: int = 4) -> 
     if scale > 1:
         video = video.repeat(scale, axis=1).repeat(scale, axis=2)
     ext = os.path.splitext(path)[1].lower()
-    tmp = path + ".tmp" + ext  # write then rename: an interrupted write never leaves a torn file
-    if ext == ".png":
-        from PIL import Image
-        Image.fromarray(frame_grid(video)).save(tmp)
-    elif ext == ".gif":
-        from PIL import Image
-        frames = [Image.fromarray(f) for f in video]
-        frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
-    else:
-        import imageio.v2 as imageio
-        # H.264 wants even sides; macro_block_size=1 keeps the exact size.
-        h, w = video.shape[1:3]
-        video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8,
-                                macro_block_size=1, ffmpeg_log_level="error") as writer:
-            for frame in video:
-                writer.append_data(frame)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp):  # then moved into place whole: an interrupted write never leaves a torn file
+        if ext == ".png":
+            from PIL import Image
+            Image.fromarray(frame_grid(video)).save(tmp)
+        elif ext == ".gif":
+            from PIL import Image
+            frames = [Image.fromarray(f) for f in video]
+            frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(1000 / fps),
+                           loop=0)
+        else:
+            import imageio.v2 as imageio
+            # H.264 wants even sides; macro_block_size=1 keeps the exact size.
+            h, w = video.shape[1:3]
+            padded = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+            with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8,
+                                    macro_block_size=1, ffmpeg_log_level="error") as writer:
+                for frame in padded:
+                    writer.append_data(frame)
+
+    return paths.write_file(path, write, suffix=ext)

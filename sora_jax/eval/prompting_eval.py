@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from sora_jax import paths
+
 TASKS = ("animate", "extend_forward", "extend_backward", "loop", "connect", "edit")
 
 
@@ -163,7 +165,7 @@ def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=No
     videos = np.concatenate(outputs)
 
     result: dict[str, Any] = {
-        "task": task, "workdir": os.path.abspath(workdir), "checkpoint_step": int(step),
+        "task": task, "workdir": os.fspath(paths.path(workdir)), "checkpoint_step": int(step),
         "split": split, "num_prompts": num_prompts, "sampling_steps": steps,
         "guidance": settings["guidance"], "pixel_guidance": settings["pixel_guidance"],
         "seed": seed, "frames": int(videos.shape[1]),
@@ -198,8 +200,7 @@ def evaluate_prompting(workdir, config, *, task: str, num_prompts=None, steps=No
     if settings["pixel_guidance"]:
         name += f"_pg{settings['pixel_guidance']:g}"
     write_video(os.path.join(out_dir, name + ".gif"), videos[:16])
-    with open(os.path.join(out_dir, name + ".json"), "w") as f:
-        json.dump(result, f, indent=2)
+    paths.write_text(os.path.join(out_dir, name + ".json"), json.dumps(result, indent=2))
     return result
 
 

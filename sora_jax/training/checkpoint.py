@@ -20,6 +20,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from sora_jax import paths
+
 
 JSON_ITEMS = ("latent_stats",)
 
@@ -44,7 +46,7 @@ class Checkpointer:
     """Saves and restores (state, data iterator, config) under `directory`."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = os.fspath(paths.path(directory))  # local: absolute; gs://: as given
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -111,7 +113,7 @@ class Checkpointer:
 
     def restore_json(self, step: int, name: str) -> Any:
         """A JSON item of `step` (see JSON_ITEMS); KeyError naming it when the step has none."""
-        if not os.path.isdir(os.path.join(self.directory, str(step), name)):
+        if not (paths.path(self.directory) / str(step) / name).is_dir():
             raise KeyError(f"Checkpoint step {step} in {self.directory} has no {name!r} item.")
         restored = self._manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
         return restored[name]
@@ -133,8 +135,8 @@ def restore_for_inference(workdir: str, abstract_state: Any, step: int | None = 
 
     With json_items, returns (state, step, {name: item}) instead.
     """
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    directory = os.fspath(paths.path(workdir) / "checkpoints")
+    if not paths.path(directory).is_dir():
         raise FileNotFoundError(f"No checkpoints in {workdir!r}; train first with "
                                 f"`python -m sora_jax.train --workdir={workdir} --config=...`.")
     ckpt = Checkpointer(directory, async_save=False)

@@ -21,6 +21,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost
 
+from sora_jax import paths
 from sora_jax.data import latent_cache, pipeline
 from sora_jax.training import memory
 from sora_jax.training import metrics as metrics_lib
@@ -33,21 +34,16 @@ class TrainingDiverged(FloatingPointError):
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, "config.json.tmp")
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, os.path.join(workdir, "config.json"))
+    paths.write_text(paths.path(workdir) / "config.json", config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a workdir was trained with (what `generate` and `evaluate` use)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = paths.path(workdir) / "config.json"
+    if not path.exists():
         raise FileNotFoundError(f"No config.json in {workdir!r}: is it a training workdir? "
                                 "Train first with `python -m sora_jax.train --workdir=...`.")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def check_data_shape(config: ml_collections.ConfigDict, data_kw: dict) -> None:

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from sora_jax import paths
+
 # Dense bf16 peak FLOP/s per chip, for MFU on accelerators (vendor figures).
 ACCELERATOR_PEAK_FLOPS = {
     "TPU v4": 275e12,
@@ -65,8 +67,8 @@ class MetricWriter:
         self._writer = self._jsonl = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._writer = SummaryWriter(os.fspath(paths.path(workdir) / "tensorboard"))
+            self._jsonl = paths.JsonLines(paths.path(workdir) / "metrics.jsonl")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if self._writer is None:
@@ -74,8 +76,7 @@ class MetricWriter:
         for name, value in scalars.items():
             self._writer.add_scalar(name, float(value), step)
         self._writer.flush()
-        self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}))
 
     def close(self):
         if self._writer is not None:
