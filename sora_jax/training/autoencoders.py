@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_collections
 
+from sora_jax import paths
 from sora_jax.models import vae as vae_lib
 
 KINDS = ("identity", "causal_vae", "wan2.1", "cogvideox")
@@ -77,7 +78,7 @@ def load_declared(config: ml_collections.ConfigDict, declared) -> tuple[Any, Any
         vae, params = load_cogvideox_vae(config.path)
     found = LatentGeometry(vae.latent_channels, vae.temporal_compression, vae.spatial_compression)
     if found != declared:
-        where = os.path.abspath(config[_LOCATION[config.kind]])
+        where = os.fspath(paths.path(config[_LOCATION[config.kind]]))
         raise ValueError(
             f"The VAE in {where} has latent geometry {found}, but the DiT "
             f"config declares {declared} (config.autoencoder). Point config.autoencoder."

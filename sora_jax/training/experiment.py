@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sora_jax import paths
 from sora_jax.data import batching as batching_lib
 from sora_jax.data import latent_cache as latent_cache_lib
 from sora_jax.data import packing as packing_lib
@@ -150,7 +151,7 @@ def at_sample_size(config: ml_collections.ConfigDict, *, frames: int | None = No
 def text_identity(text: ml_collections.ConfigDict) -> dict[str, Any]:
     """What determines a config's text embeddings: the key under which they are cached."""
     path = text.get("path")
-    return {"encoder": text.encoder, "path": os.path.abspath(path) if path else None,
+    return {"encoder": text.encoder, "path": os.fspath(paths.path(path)) if path else None,
             "dtype": text.get("dtype", "float32"), "max_length": text.max_length}
 
 
