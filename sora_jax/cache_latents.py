@@ -67,7 +67,7 @@ def cache_latents(config, out: str | None = None, splits: list[str] | None = Non
                 "text": text_identity(config.text)}
     latent_cache.write_cache(out, {s: batches(s) for s in splits}, encode_video=exp.encode_video,
                              encode_text=text_encoder, metadata=metadata, progress=progress,
-                             end_frame=exp.end_frame if exp.end_image else None)
+                             end_frame=exp.end_frame)
     for bar in bars.values():
         bar.close()
     logging.info("Wrote the latent cache %s.", out)

@@ -114,9 +114,8 @@ def sample_given(rng: jax.Array, weights: Mapping[str, float], lengths: jax.Arra
     if not return_end_image:
         return given
     drew = (strategy == names.index("end_image")) if "end_image" in names else jnp.zeros((n,), bool)
-    # Only while the last position stays given (at length 2 it may be the one left generated).
-    last = jnp.take_along_axis(given, jnp.maximum(length - 1, 0), axis=1)[:, 0]
-    return given, drew & last & (lengths > 2)
+    # Beyond 2 positions its last one always stays given; at 2 the un-giving may take it.
+    return given, drew & (lengths > 2)
 
 
 def with_end_image(latent: jax.Array, end_latent: jax.Array, end_image: jax.Array) -> jax.Array:

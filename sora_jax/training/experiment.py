@@ -307,9 +307,11 @@ class Experiment(ExperimentBase):
         self.end_image = bool((c.train.get("masks") or {}).get("end_image"))
 
     @property
-    def end_frame(self) -> int:
+    def end_frame(self) -> int | None:
         """The pixel frame whose lone encoding is a training clip's end image: the frame at which
-        its second-last latent frame ends."""
+        its second-last latent frame ends; None without end_image masks."""
+        if not self.end_image:
+            return None
         n = self.latent_shape[0]
         if n < 3:
             raise ValueError(f"config.train.masks.end_image needs clips of at least 3 latent frames "
@@ -426,8 +428,7 @@ class Experiment(ExperimentBase):
                   caption_dropout=c.text.caption_dropout if caption_dropout is None else caption_dropout,
                   grad_accum_steps=grad_accum_steps or c.optim.grad_accum_steps,
                   mask_weights=masks_lib.check_mask_weights(c.train.get("masks")))
-        if self.end_image:
-            _ = self.end_frame  # refuses clips too short to hold an end image, naming the fix
+        _ = self.end_frame  # refuses clips too short to hold an end image, naming the fix
         if self.batcher is not None:
             step = make_packed_train_step(self.model, self.flow, **kw)
         else:

@@ -139,9 +139,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, profile_steps: int
     data_kw = pipeline.data_kwargs(c.data)
     check_data_shape(c, data_kw)
     if data_kw.get("latent_cache"):
-        end_frame = exp.end_frame if getattr(exp, "end_image", False) else None
         latent_cache.check_matches(data_kw["latent_cache"], latent_shape=exp.cache_latent_shape(),
-                                   text=text_identity(c.text), end_frame=end_frame)
+                                   text=text_identity(c.text),
+                                   end_frame=getattr(exp, "end_frame", None))
     # Each process reads the rows of every global batch that its devices hold, so any number of
     # processes trains on the batches a single process would (pipeline.GlobalBatchSampler).
     rows = exp.host_rows()
