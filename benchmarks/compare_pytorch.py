@@ -19,6 +19,12 @@ A full training step (forward, backward, AdamW update) at one shape, on both sid
            temporal blocks, so `depth` transformer blocks are depth/2 of each (our blocks all
            attend over the whole video and to the text: ours does more FLOPs; both counts are
            reported). For images (--frames=1) Latte runs `depth` spatial blocks, temporal ones off.
+           The targets are ratios to Latte.
+  PyTorch, the same work (--full_attention_reference, on by default): diffusers'
+           `PixArtTransformer2DModel`, whose `depth` blocks each attend over all the tokens and to
+           the text, as ours do: the clip's frames side by side as one image of as many tokens, so
+           the attention and matmul FLOPs match ours but for RoPE, qk-norm and the per-frame
+           conditioning. Its ratio says how fast our code is at equal work.
 
 in two precisions:
 
@@ -71,6 +77,10 @@ _TEXT_DIM = flags.DEFINE_integer("text_dim", 384, "Width of the caption tokens."
 _ROUNDS = flags.DEFINE_integer("rounds", 10, "Timed rounds (after one warm-up round).")
 _PRECISIONS = flags.DEFINE_list("precisions", ["f32", "mixed"], "Precisions to compare.")
 _PACKED = flags.DEFINE_boolean("packed", True, "Also time our packed-batch step.")
+_FULL = flags.DEFINE_boolean(
+    "full_attention_reference", True,
+    "Also time PixArt-alpha's transformer (full attention, cross-attention in every block): the same "
+    "work as ours, where Latte's factorised attention does less.")
 _THREADS = flags.DEFINE_integer(
     "threads", None, "CPUs this process runs on, hence XLA's and torch's threads; default: all it may use.")
 
@@ -171,10 +181,29 @@ def latte(frames: int):
     return model
 
 
-def latte_attention_flops(frames: int) -> float:
-    """Forward FLOPs of Latte's attention products (q k^T and p v), which torch's FLOP counter
-    misses on CPU: spatial self-attention per frame, temporal per position, cross per frame."""
+def pixart(frames: int):
+    """diffusers' PixArt-alpha transformer at the benchmark's shape: `depth` blocks of self-attention
+    over all the tokens, cross-attention to the text and an MLP, on the frames side by side."""
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        num_attention_heads=_HEADS.value, attention_head_dim=_WIDTH.value // _HEADS.value,
+        in_channels=_CHANNELS.value, out_channels=_CHANNELS.value, num_layers=_DEPTH.value,
+        cross_attention_dim=_WIDTH.value, attention_bias=True, sample_size=_SIZE.value,
+        patch_size=_PATCH.value, activation_fn="gelu-approximate", norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=_TEXT_DIM.value,
+        use_additional_conditions=False)
+
+
+def attention_flops(model: str, frames: int) -> float:
+    """Forward FLOPs of the attention products (q k^T and p v), which torch's FLOP counter misses on
+    CPU. Latte: spatial self-attention per frame, temporal per position, cross per frame, in
+    depth/2 blocks each (depth spatial ones for images). PixArt: self-attention over all the tokens
+    and cross-attention, in every block."""
     n, w, lc = (_SIZE.value // _PATCH.value) ** 2, _WIDTH.value, _TEXT_LEN.value
+    if model == "pixart":
+        tokens = frames * n
+        return 2.0 * _BATCH.value * _DEPTH.value * (2 * tokens * tokens * w + 2 * tokens * lc * w)
     spatial_blocks = _DEPTH.value // 2 if frames > 1 else _DEPTH.value
     spatial = frames * (2 * n * n * w + 2 * n * lc * w)
     temporal = n * 2 * frames * frames * w if frames > 1 else 0
@@ -182,17 +211,21 @@ def latte_attention_flops(frames: int) -> float:
 
 
 class TorchStep:
-    """One rectified-flow training step of Latte with AdamW, in f32 or under bf16 autocast."""
+    """One rectified-flow training step of Latte or PixArt with AdamW, in f32 or under bf16
+    autocast."""
 
-    def __init__(self, autocast: bool):
+    def __init__(self, model: str, autocast: bool):
         import torch
 
         torch.manual_seed(0)
         b, f, s, c = _BATCH.value, _FRAMES.value, _SIZE.value, _CHANNELS.value
-        self.model = latte(f).train()
+        self.kind = model
+        self.model = (latte(f) if model == "latte" else pixart(f)).train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
-        self.x0 = torch.rand(b, c, f, s, s) * 2 - 1  # Latte's layout: [B, C, F, H, W]
+        # Latte's layout: [B, C, F, H, W]; PixArt's: [B, C, H, F * W], the frames side by side.
+        shape = (b, c, f, s, s) if model == "latte" else (b, c, s, f * s)
+        self.x0 = torch.rand(*shape) * 2 - 1
         self.text = torch.randn(b, _TEXT_LEN.value, _TEXT_DIM.value)
         self.autocast = autocast
         self.video = f > 1
@@ -203,11 +236,13 @@ class TorchStep:
         x0 = self.x0
         t = torch.sigmoid(torch.randn(x0.shape[0]))  # logit-normal flow time
         noise = torch.randn_like(x0)
-        tb = t[:, None, None, None, None]
+        tb = t.reshape(-1, *[1] * (x0.ndim - 1))
+        extra = (dict(enable_temporal_attentions=self.video) if self.kind == "latte"
+                 else dict(added_cond_kwargs={"resolution": None, "aspect_ratio": None}))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             velocity = self.model(
                 (1 - tb) * x0 + tb * noise, timestep=1000 * t, encoder_hidden_states=self.text,
-                enable_temporal_attentions=self.video, return_dict=False)[0]
+                return_dict=False, **extra)[0]
         return torch.mean(torch.square(velocity.float() - (noise - x0)))
 
     def __call__(self):
@@ -227,7 +262,7 @@ class TorchStep:
             self.loss().backward()
         self.autocast = autocast
         self.opt.zero_grad(set_to_none=True)
-        return counter.get_total_flops() + 3 * latte_attention_flops(_FRAMES.value)
+        return counter.get_total_flops() + 3 * attention_flops(self.kind, _FRAMES.value)
 
 
 def compare(precision: str) -> dict:
@@ -245,8 +280,10 @@ def compare(precision: str) -> dict:
     if _PACKED.value:
         packed_exp = Experiment(our_config(precision, packed=True))
         runs["ours_packed"] = OurStep(packed_exp, packed_batch(packed_exp, batch))
-    torch_step = runs["pytorch"] = TorchStep(autocast=precision == "mixed")
+    torch_step = runs["pytorch"] = TorchStep("latte", autocast=precision == "mixed")
     torch_flops = torch_step.flops_per_step()
+    if _FULL.value:
+        runs["pytorch_full"] = TorchStep("pixart", autocast=precision == "mixed")
     first_s = {}
     for name, run in runs.items():
         first_s[name] = common.timed(run)()[0]
@@ -267,7 +304,9 @@ def compare(precision: str) -> dict:
     wall, cpu = {k: median(k, 0) for k in kept}, {k: median(k, 1) for k in kept}
     flops = {"ours": exp.train_flops_per_step(), "pytorch": torch_flops}
     flops["ours_packed"] = flops["ours"]  # the same clips, one per row
-    sides = [k for k in runs if k != "pytorch"]
+    if _FULL.value:
+        flops["pytorch_full"] = runs["pytorch_full"].flops_per_step()
+    sides = [k for k in runs if not k.startswith("pytorch")]
     result = {
         "ours_config": dict(setting["model"]),
         "pytorch_precision": setting["pytorch"],
@@ -295,6 +334,12 @@ def compare(precision: str) -> dict:
         "first_step_s": {k: round(v, 2) for k, v in first_s.items()},
         "loss": {"ours": float(runs["ours"].metrics["loss"]), "pytorch": float(torch_step.value)},
     }
+    if _FULL.value:
+        # Against the same work (PixArt: full attention and cross-attention in every block).
+        result["ratio_same_work"] = {k: wall[k] / wall["pytorch_full"] for k in sides}
+        result["cpu_ratio_same_work"] = {k: cpu[k] / cpu["pytorch_full"] for k in sides}
+        result["pytorch_full_model_flops_per_step"] = flops["pytorch_full"]
+        result["loss"]["pytorch_full"] = float(runs["pytorch_full"].value)
     if precision == "mixed":
         result["target_fraction_of_peak"] = _MATMUL_PEAK_TARGET
     return result
@@ -330,6 +375,8 @@ def main(argv):
         "pytorch_model": ("LatteTransformer3DModel, "
                           + (f"{_DEPTH.value // 2} spatial + {_DEPTH.value // 2} temporal blocks"
                              if f > 1 else f"{_DEPTH.value} spatial blocks, temporal off")),
+        "pytorch_full_model": (f"PixArtTransformer2DModel, {_DEPTH.value} blocks on a "
+                               f"{s} x {f * s} latent" if _FULL.value else None),
         "rounds": _ROUNDS.value,
         **results,
     }, default=str))

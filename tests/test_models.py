@@ -121,6 +121,17 @@ def test_rope_preserves_norms_and_leaves_position_zero_unrotated():
     np.testing.assert_allclose(y[:, 0], x[:, 0], atol=1e-6)
 
 
+def test_rope_rotates_the_pairs_i_and_i_plus_half_of_head_dim():
+    # The pairing trained checkpoints depend on: (x[i], x[i + D/2]) turns by angle i of its token.
+    x = _normal(0, (2, 5, 3, 12))
+    angles = np.asarray(_normal(1, (2, 5, 6)))  # per example and token, as packed rows have
+    y = np.asarray(apply_rope(x, jnp.cos(angles), jnp.sin(angles)))
+    x, c, s = np.asarray(x), np.cos(angles)[:, :, None], np.sin(angles)[:, :, None]
+    x1, x2 = x[..., :6], x[..., 6:]
+    np.testing.assert_allclose(y[..., :6], x1 * c - x2 * s, atol=1e-6)
+    np.testing.assert_allclose(y[..., 6:], x2 * c + x1 * s, atol=1e-6)
+
+
 def test_rope_scores_depend_only_on_relative_position():
     head_dim = 24
     q, k = _normal(0, (1, 1, 1, head_dim)), _normal(1, (1, 1, 1, head_dim))

@@ -109,7 +109,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotates each pair (x[..., i], x[..., i + D/2]) of x: [B, L, H, D] by its angle.
 
     cos, sin: [L, D/2], or [B, L, D/2] for positions that differ per example. Returns f32.
+    The halves are swapped by reversing an axis of size 2 rather than by splitting and concatenating:
+    one elementwise pass each way, where a concatenation and its gradient's slices are separate
+    passes over q and k on CPU.
     """
-    cos, sin = cos[..., None, :], sin[..., None, :]  # Shared by the heads.
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    *lead, d = x.shape
+    halves = x.astype(jnp.float32).reshape(*lead, 2, d // 2)  # [..., (x1, x2), D/2]
+    cos, sin = cos[..., None, None, :], sin[..., None, None, :]  # Shared by the heads and halves.
+    signed_sin = jnp.concatenate([-sin, sin], axis=-2)  # [..., 2, D/2], small: no head axis
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+    return (halves * cos + jnp.flip(halves, axis=-2) * signed_sin).reshape(x.shape)
