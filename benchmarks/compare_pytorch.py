@@ -284,6 +284,7 @@ def compare(precision: str) -> dict:
     torch_flops = torch_step.flops_per_step()
     if _FULL.value:
         runs["pytorch_full"] = TorchStep("pixart", autocast=precision == "mixed")
+        full_flops = runs["pytorch_full"].flops_per_step()
     first_s = {}
     for name, run in runs.items():
         first_s[name] = common.timed(run)()[0]
@@ -305,7 +306,7 @@ def compare(precision: str) -> dict:
     flops = {"ours": exp.train_flops_per_step(), "pytorch": torch_flops}
     flops["ours_packed"] = flops["ours"]  # the same clips, one per row
     if _FULL.value:
-        flops["pytorch_full"] = runs["pytorch_full"].flops_per_step()
+        flops["pytorch_full"] = full_flops
     sides = [k for k in runs if not k.startswith("pytorch")]
     result = {
         "ours_config": dict(setting["model"]),
