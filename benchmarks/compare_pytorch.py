@@ -3,7 +3,8 @@ one JSON object.
 
   python benchmarks/compare_pytorch.py [--frames=4 --size=16 --channels=4 --patch=2 --width=384
       --depth=12 --heads=6 --batch=8 --text_len=32 --text_dim=384 --rounds=10
-      --precisions=f32,mixed --packed] [--config=configs/moving_shapes.py --config.x=y]
+      --precisions=f32,mixed --packed --full_attention_reference --profile]
+      [--config=configs/moving_shapes.py --config.x=y]
 
 A full training step (forward, backward, AdamW update) at one shape, on both sides:
 
@@ -50,7 +51,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, op_profile  # noqa: E402
 
 if __name__ == "__main__":
     common.use_fast_allocator()
@@ -81,6 +82,9 @@ _FULL = flags.DEFINE_boolean(
     "full_attention_reference", True,
     "Also time PixArt-alpha's transformer (full attention, cross-attention in every block): the same "
     "work as ours, where Latte's factorised attention does less.")
+_PROFILE = flags.DEFINE_boolean(
+    "profile", False, "Also trace our step after the timed rounds and add where its time goes "
+    "(`op_profile.py`: dense matmuls, attention's batched matmuls, the rest; CPU only).")
 _THREADS = flags.DEFINE_integer(
     "threads", None, "CPUs this process runs on, hence XLA's and torch's threads; default: all it may use.")
 
@@ -343,6 +347,10 @@ def compare(precision: str) -> dict:
         result["loss"]["pytorch_full"] = float(runs["pytorch_full"].value)
     if precision == "mixed":
         result["target_fraction_of_peak"] = _MATMUL_PEAK_TARGET
+    if _PROFILE.value:
+        ours = runs["ours"]
+        with exp.activate():
+            result["profile"] = op_profile.profile(ours.step, (ours.state, ours.batch, ours.rng), top=12)
     return result
 
 
