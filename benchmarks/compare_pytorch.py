@@ -185,7 +185,7 @@ def latte(frames: int):
     return model
 
 
-def pixart(frames: int):
+def pixart():
     """diffusers' PixArt-alpha transformer at the benchmark's shape: `depth` blocks of self-attention
     over all the tokens, cross-attention to the text and an MLP, on the frames side by side."""
     from diffusers import PixArtTransformer2DModel
@@ -224,7 +224,7 @@ class TorchStep:
         torch.manual_seed(0)
         b, f, s, c = _BATCH.value, _FRAMES.value, _SIZE.value, _CHANNELS.value
         self.kind = model
-        self.model = (latte(f) if model == "latte" else pixart(f)).train()
+        self.model = (latte(f) if model == "latte" else pixart()).train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
         # Latte's layout: [B, C, F, H, W]; PixArt's: [B, C, H, F * W], the frames side by side.

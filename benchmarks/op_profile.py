@@ -86,7 +86,10 @@ def profile(step, args, *, steps: int = 2, top: int = 25, trace_dir: str | None 
     first argument is consumed."""
     import jax
 
+    if steps < 1:
+        raise ValueError(f"steps={steps}: trace at least one step.")
     trace_dir = trace_dir or tempfile.mkdtemp(prefix="profile_step_")
+    # The jitted step's own executable (lowering hits its cache): the text names what the trace ran.
     text = step.lower(*args).compile().as_text()
     common.log(f"tracing {steps} steps into {trace_dir}")
     first, rest = args[0], args[1:]
@@ -111,10 +114,11 @@ def profile(step, args, *, steps: int = 2, top: int = 25, trace_dir: str | None 
     for name, t in us.items():  # each operation runs once a step
         op = ops[name]
         part = "other" if not op["flops"] else "batched_matmuls" if op["batched"] else "matmuls"
-        for totals in (parts[part], groups[_group(op["op"])]):
+        group = groups[_group(op["op"])]
+        for totals in (parts[part], group):
             totals[0] += t / steps
             totals[1] += op["flops"]
-        groups[_group(op["op"])][2] += 1
+        group[2] += 1
 
     def row(t_us, flops):
         ms = t_us / 1e3

@@ -34,8 +34,8 @@ from ml_collections import config_flags  # noqa: E402
 from benchmarks import op_profile  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/moving_shapes.py", "Config file.")
-_STEPS = flags.DEFINE_integer("steps", 2, "Traced steps (after 2 warm-up steps).")
-_TOP = flags.DEFINE_integer("top", 25, "Groups of operations to list.")
+_STEPS = flags.DEFINE_integer("steps", 2, "Traced steps (after 2 warm-up steps).", lower_bound=1)
+_TOP = flags.DEFINE_integer("top", 25, "Groups of operations to list.", lower_bound=1)
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Keep the trace here (default: a temporary folder).")
 
 

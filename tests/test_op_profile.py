@@ -41,3 +41,9 @@ def test_groups_name_the_direction_and_the_module_path():
         == "backward DiT/DiT._forward/blocks/mlp/fc1/dot_general"
     assert group("jit(train_step)/jvp(DiT)/blocks/attn/mul") == "forward DiT/blocks/attn/mul"
     assert group("jit(train_step)/add") == "add"
+
+
+def test_profile_refuses_to_trace_no_steps():
+    step = jax.jit(lambda x: (x + 1, x.sum()))
+    with pytest.raises(ValueError, match="at least one step"):
+        op_profile.profile(step, (jnp.ones(3),), steps=0)
